@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class ApeeConfig(AppConfig):
+    """Registers the template library, the management command and the checks."""
+
+    name = "django_apee"
+    verbose_name = "django-apee"

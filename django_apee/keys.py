@@ -1,0 +1,53 @@
+"""Where the parts of one cache entry live in Redis.
+
+An entry is the value key plus, while someone recomputes it, a lease key and a
+wake-up key. The value key is exactly django-redis's key
+(``KEY_PREFIX:VERSION:key`` through ``KEY_FUNCTION``), so swapping the backend
+in finds the keys and raw integers that are already there.
+
+The companion keys must hash to the value key's Redis Cluster slot, so that one
+Lua script may touch all of them. Redis hashes only the *hash tag* of a key
+when it has one: the text between the first ``{`` and the first ``}`` after it,
+if that text is not empty; otherwise the whole key. So:
+
+* the value key has a hash tag ``T``: companions are ``{T}|apee:<kind>|<key>``;
+* it has none and contains no ``}``: companions are ``{<key>}|apee:<kind>``,
+  whose tag is the whole value key;
+* it has none but contains a ``}`` (or is empty): no companion can carry the whole key as a
+  tag. Companions are ``apee:<kind>|<key>``; fine on a single Redis or
+  Sentinel, and ``same_slot`` is False so the backend can refuse it on Cluster.
+
+Companions start with ``{`` or ``apee:``, so django-redis patterns such as
+``keys("*")`` (``prefix:version:*``) never list them.
+"""
+
+from __future__ import annotations
+
+LEASE = "lease"
+WAKE = "wake"
+
+
+def hash_tag(key: str) -> str | None:
+    """Return the part of ``key`` that Redis Cluster hashes, if it is a tag."""
+    start = key.find("{")
+    if start < 0:
+        return None
+    end = key.find("}", start + 1)
+    if end < 0 or end == start + 1:
+        return None
+    return key[start + 1 : end]
+
+
+def companion(value_key: str, kind: str) -> str:
+    """Name the ``kind`` key (``lease``, ``wake``) that belongs to ``value_key``."""
+    tag = hash_tag(value_key)
+    if tag is not None:
+        return f"{{{tag}}}|apee:{kind}|{value_key}"
+    if value_key and "}" not in value_key:
+        return f"{{{value_key}}}|apee:{kind}"
+    return f"apee:{kind}|{value_key}"
+
+
+def same_slot(value_key: str) -> bool:
+    """Tell whether ``companion(value_key, …)`` shares the value key's slot."""
+    return hash_tag(value_key) is not None or bool(value_key and "}" not in value_key)
