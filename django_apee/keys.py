@@ -13,8 +13,8 @@ if that text is not empty; otherwise the whole key. So:
 * the value key has a hash tag ``T``: companions are ``{T}|apee:<kind>|<key>``;
 * it has none and contains no ``}``: companions are ``{<key>}|apee:<kind>``,
   whose tag is the whole value key;
-* it has none but contains a ``}`` (or is empty): no companion can carry the whole key as a
-  tag. Companions are ``apee:<kind>|<key>``; fine on a single Redis or
+* it has none but contains a ``}`` (or is empty): no companion can carry the
+  whole key as a tag. Companions are ``apee:<kind>|<key>``; fine on a single Redis or
   Sentinel, and ``same_slot`` is False so the backend can refuse it on Cluster.
 
 Companions start with ``{`` or ``apee:``, so django-redis patterns such as

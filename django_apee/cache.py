@@ -1,0 +1,119 @@
+"""ApeeCache: the Django cache backend.
+
+A swap-in for ``django_redis.cache.RedisCache`` (and Django's own
+``RedisCache``): same LOCATION forms, same OPTIONS, same extra methods, on
+django-redis's pools and clients. What changes is what sits in Redis (a
+versioned, compressed, signed-where-needed envelope, see ``envelope.py``) and
+that the places where django-redis departs from Django's cache contract follow
+Django.
+
+Constructing the backend never talks to Redis: Django builds every backend
+during ``manage.py check``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django_redis.cache import RedisCache, omit_exception
+
+from django_apee import metrics
+from django_apee.client import client_class
+from django_apee.envelope import DecodeError, Envelope
+from django_apee.options import ApeeOptions
+
+logger = logging.getLogger("django_apee")
+
+#: One limiter for the process: Django builds a backend per thread, and a
+#: corrupt hot key is read by all of them.
+DECODE_LOG = metrics.RateLimitedLog(logger, per_seconds=60.0)
+
+
+def signing_keys() -> list[bytes]:
+    """Keys for the signed-pickle fallback: SECRET_KEY first, then fallbacks.
+
+    Derived (not used raw) so the HMAC key is specific to this purpose; the
+    fallbacks let a SECRET_KEY rotation keep reading what is already cached.
+    """
+    secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ())]
+    return [
+        hashlib.sha256(b"django_apee.envelope.pickle\x00" + str(s).encode()).digest()
+        for s in secrets
+        if s
+    ]
+
+
+class ApeeCache(RedisCache):  # type: ignore[misc]
+    """A stampede-proof Redis cache backend built on django-redis."""
+
+    def __init__(self, server: str, params: dict[str, Any]) -> None:
+        params = dict(params)
+        self.user_options: dict[str, Any] = params.get("OPTIONS") or {}
+        self.apee = ApeeOptions.from_params(self.user_options)
+        params["OPTIONS"] = self.apee.redis_options
+        super().__init__(server, params)
+        self._client_cls = client_class(self.apee.client_class)
+        self._envelope: Envelope | None = None
+        self.legacy_reads = self.apee.legacy_reads
+
+    @property
+    def envelope(self) -> Envelope:
+        """The codec, built on first use (SECRET_KEY may be set late in tests)."""
+        if self._envelope is None:
+            self._envelope = Envelope(
+                codec=self.apee.codec,
+                compressor=self.apee.compression,
+                compress_min_bytes=self.apee.compress_min_bytes,
+                compress_level=self.apee.compress_level,
+                pickle_fallback=self.apee.allow_pickle,
+                signing_keys=signing_keys() if self.apee.allow_pickle else (),
+            )
+        return self._envelope
+
+    @property
+    def alias(self) -> str:
+        """This backend's name in ``CACHES``, for metric labels and logs."""
+        return metrics.alias_of(self)
+
+    def report_decode_error(self, error: DecodeError) -> None:
+        """Count an unreadable value and log it, at most once a minute a reason."""
+        metrics.SERIALIZATION_ERRORS.labels(cache=self.alias, reason=error.reason).inc()
+        DECODE_LOG.warning(
+            f"{self.alias}:{error.reason}",
+            "django_apee: unreadable cache value treated as a miss (%s): %s",
+            error.reason,
+            error,
+        )
+
+    # -- where django-redis departs from Django's contract --------------------
+
+    def delete_many(self, keys: Any, version: int | None = None) -> None:
+        """Delete keys; return None as Django's contract says (not a count)."""
+        self._delete_many(keys, version=version)
+
+    @omit_exception  # type: ignore[untyped-decorator]
+    def _delete_many(self, keys: Any, version: int | None = None) -> int:
+        return int(self.client.delete_many(keys, version=version))
+
+    def set_many(
+        self,
+        data: dict[Any, Any],
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> list[Any]:
+        """Set many keys; return the keys that were not stored.
+
+        With IGNORE_EXCEPTIONS and Redis away that is every key, so a caller
+        that checks the list learns the truth.
+        """
+        failed = self._set_many(data, timeout=timeout, version=version)
+        return list(data) if failed is None else failed
+
+    @omit_exception  # type: ignore[untyped-decorator]
+    def _set_many(self, data: dict[Any, Any], **kwargs: Any) -> list[Any]:
+        result: list[Any] = self.client.set_many(data, **kwargs)
+        return result

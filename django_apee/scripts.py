@@ -1,0 +1,31 @@
+"""The Lua scripts, loaded from ``lua/*.lua`` and run with EVALSHA.
+
+redis-py's ``Script`` reloads a script after NOSCRIPT, so a ``SCRIPT FLUSH``,
+a restart or a failover to a replica that never saw the script costs one extra
+round trip, not an error. Scripts are read on first use, never at import.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from redis.commands.core import Script
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from redis import Redis
+
+
+@functools.cache
+def script(name: str) -> Script:
+    """Return the ``Script`` for ``lua/<name>.lua`` (source kept as bytes)."""
+    source = resources.files("django_apee").joinpath(f"lua/{name}.lua").read_bytes()
+    return Script(None, source)  # type: ignore[arg-type]  # bytes need no client
+
+
+def run(client: Redis, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    """Run script ``name`` on ``client`` (a Redis client or a pipeline)."""
+    return script(name)(keys=keys, args=args, client=client)

@@ -1,0 +1,36 @@
+"""Django's ``BaseCacheTests``, run against ApeeCache with default options.
+
+Collected only when named on the command line with the conformance settings
+(see the README's test command); ``fetch.py`` provides Django's tests. Tests we
+deliberately differ on are listed, with the reason, in ``DIFFERENCES`` below;
+each is an expected failure, so a difference that stops differing fails the
+run too.
+"""
+
+from __future__ import annotations
+
+import unittest
+
+from cache.tests import BaseCacheTests, caches_setting_for_tests  # type: ignore[import-not-found]
+from django.conf import settings
+from django.test import TestCase, override_settings
+
+#: test name -> why ApeeCache deliberately behaves differently. Keep it short.
+DIFFERENCES: dict[str, str] = {}
+
+APEE = {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": settings.REDIS_URL}
+
+
+@override_settings(
+    CACHES=caches_setting_for_tests(base=APEE, exclude={"cull", "zero_cull"})
+)
+class ApeeCacheConformanceTests(BaseCacheTests, TestCase):  # type: ignore[misc]
+    """Every test Django applies to its own cache backends."""
+
+
+for _name, _reason in DIFFERENCES.items():
+    setattr(
+        ApeeCacheConformanceTests,
+        _name,
+        unittest.expectedFailure(getattr(BaseCacheTests, _name)),
+    )
