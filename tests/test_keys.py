@@ -29,7 +29,9 @@ def test_companions_are_distinct_and_never_listed_by_django_redis_patterns(value
 
 def test_layout_examples():
     assert keys.companion(":1:report", "lease") == "{:1:report}|apee:lease"
-    assert keys.companion(":1:{user42}:x", "lease") == "{user42}|apee:lease|:1:{user42}:x"
+    assert (
+        keys.companion(":1:{user42}:x", "lease") == "{user42}|apee:lease|:1:{user42}:x"
+    )
     assert keys.companion(":1:a}b", "lease") == "apee:lease|:1:a}b"
     assert not keys.same_slot(":1:a}b")
 
