@@ -9,6 +9,7 @@ run too.
 
 from __future__ import annotations
 
+import os
 import unittest
 
 from cache.tests import BaseCacheTests, caches_setting_for_tests  # type: ignore[import-not-found]
@@ -18,7 +19,14 @@ from django.test import TestCase, override_settings
 #: test name -> why ApeeCache deliberately behaves differently. Keep it short.
 DIFFERENCES: dict[str, str] = {}
 
-APEE = {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": settings.REDIS_URL}
+#: Set APEE_CONFORMANCE_BACKEND (e.g. django_redis.cache.RedisCache) to run
+#: the same suite against another backend for comparison.
+APEE = {
+    "BACKEND": os.environ.get(
+        "APEE_CONFORMANCE_BACKEND", "django_apee.cache.ApeeCache"
+    ),
+    "LOCATION": settings.REDIS_URL,
+}
 
 
 @override_settings(
