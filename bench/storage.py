@@ -1,7 +1,8 @@
 """Stored bytes and hit/set latency: ApeeCache vs django-redis, one run.
 
-Both backends talk to the same private redis-server, started here, with the
-same payloads:
+Every backend talks to the same private redis-server, started here, with the
+same payloads: django-redis as configured by default (pickle) and with zlib,
+ApeeCache by default (signed pickle + zstd), with CODEC msgpack, with lz4:
 
 - a ~10 KB JSON-like dict (nested records of str, int, float, bool, None);
 - 100 rows as ``QuerySet.values()`` returns them (datetime, Decimal, str ...);
@@ -115,10 +116,15 @@ def main() -> None:
                     "BACKEND": "django_apee.cache.ApeeCache",
                     "LOCATION": server.url,
                 },
-                "apee_pickle": {
+                "apee_msgpack": {
                     "BACKEND": "django_apee.cache.ApeeCache",
                     "LOCATION": server.url,
-                    "OPTIONS": {"CODEC": "pickle"},
+                    "OPTIONS": {"CODEC": "msgpack"},
+                },
+                "apee_lz4": {
+                    "BACKEND": "django_apee.cache.ApeeCache",
+                    "LOCATION": server.url,
+                    "OPTIONS": {"COMPRESSION": "lz4"},
                 },
                 "django_redis": {
                     "BACKEND": "django_redis.cache.RedisCache",
@@ -153,7 +159,7 @@ def run(server: RedisServer, rounds: int, calls: int) -> dict:
         "20 KB HTML fragment": html_fragment(rng),
     }
     raw = redis.Redis.from_url(server.url)
-    aliases = ["django_redis", "django_redis_zlib", "apee", "apee_pickle"]
+    aliases = ["django_redis", "django_redis_zlib", "apee", "apee_msgpack", "apee_lz4"]
     report: dict = {"payloads": {}}
     for name, value in payloads.items():
         entry: dict = {"bytes": {}, "latency_us": {}}
