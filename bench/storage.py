@@ -2,7 +2,8 @@
 
 Every backend talks to the same private redis-server, started here, with the
 same payloads: django-redis as configured by default (pickle) and with zlib,
-ApeeCache by default (signed pickle + zstd), with CODEC msgpack, with lz4:
+ApeeCache by default (signed pickle + zstd), with CODEC msgpack, with lz4
+and uncompressed:
 
 - a ~10 KB JSON-like dict (nested records of str, int, float, bool, None);
 - 100 rows as ``QuerySet.values()`` returns them (datetime, Decimal, str ...);
@@ -121,6 +122,11 @@ def main() -> None:
                     "LOCATION": server.url,
                     "OPTIONS": {"CODEC": "msgpack"},
                 },
+                "apee_uncompressed": {
+                    "BACKEND": "django_apee.cache.ApeeCache",
+                    "LOCATION": server.url,
+                    "OPTIONS": {"COMPRESSION": "none"},
+                },
                 "apee_lz4": {
                     "BACKEND": "django_apee.cache.ApeeCache",
                     "LOCATION": server.url,
@@ -159,7 +165,14 @@ def run(server: RedisServer, rounds: int, calls: int) -> dict:
         "20 KB HTML fragment": html_fragment(rng),
     }
     raw = redis.Redis.from_url(server.url)
-    aliases = ["django_redis", "django_redis_zlib", "apee", "apee_msgpack", "apee_lz4"]
+    aliases = [
+        "django_redis",
+        "django_redis_zlib",
+        "apee",
+        "apee_msgpack",
+        "apee_lz4",
+        "apee_uncompressed",
+    ]
     report: dict = {"payloads": {}}
     for name, value in payloads.items():
         entry: dict = {"bytes": {}, "latency_us": {}}
