@@ -10,10 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
-
-import redis
 
 from tests.redis_server import RedisServer
 
@@ -75,36 +72,7 @@ class ProbedRedisServer(RedisServer):
     def __init__(
         self, extra_args: tuple[str, ...] = (), **client_kwargs: object
     ) -> None:
-        super().__init__(extra_args=extra_args)
-        self.client_kwargs = client_kwargs
-
-    def log(self) -> str:
-        path = Path(self.dir) / "redis.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        client = redis.Redis(
-            port=self.port,
-            socket_connect_timeout=0.2,
-            socket_timeout=0.5,
-            **self.client_kwargs,  # type: ignore[arg-type]
-        )
-        try:
-            while True:
-                assert self.process is not None
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: {self.log()[-500:]}")
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on {self.port} did not start")
-                time.sleep(0.02)
-        finally:
-            client.close()
+        super().__init__(extra_args=extra_args, **client_kwargs)
 
 
 class TLSRedisServer(ProbedRedisServer):

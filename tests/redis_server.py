@@ -29,10 +29,15 @@ class RedisServer:
     """One redis-server process we own."""
 
     def __init__(
-        self, port: int | None = None, extra_args: tuple[str, ...] = ()
+        self,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        **client_kwargs: object,
     ) -> None:
         self.port = port or free_port()
         self.extra_args = extra_args
+        #: What a client needs to PING this server (TLS options, a password).
+        self.client_kwargs = client_kwargs
         self.process: subprocess.Popen[bytes] | None = None
         self.dir = tempfile.mkdtemp(prefix="apee-redis-")
 
@@ -78,13 +83,16 @@ class RedisServer:
     def wait_ready(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         client = redis.Redis(
-            port=self.port, socket_connect_timeout=0.2, socket_timeout=0.5
+            port=self.port,
+            socket_connect_timeout=0.2,
+            socket_timeout=0.5,
+            **self.client_kwargs,  # type: ignore[arg-type]
         )
         try:
             while True:
                 assert self.process is not None
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: see {self.dir}/redis.log")
+                    raise RuntimeError(f"redis-server exited: {self.log()[-500:]}")
                 try:
                     if client.ping():
                         return
@@ -95,6 +103,13 @@ class RedisServer:
                 time.sleep(0.02)
         finally:
             client.close()
+
+    def log(self) -> str:
+        path = os.path.join(self.dir, "redis.log")
+        if not os.path.exists(path):
+            return ""
+        with open(path, errors="replace") as log:
+            return log.read()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
