@@ -21,7 +21,7 @@ from django.conf import settings
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django_redis.cache import RedisCache, omit_exception
 
-from django_apee import metrics
+from django_apee import metrics, stampede
 from django_apee.client import client_class
 from django_apee.envelope import DecodeError, Envelope
 from django_apee.options import ApeeOptions
@@ -117,3 +117,43 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
     def _set_many(self, data: dict[Any, Any], **kwargs: Any) -> list[Any]:
         result: list[Any] = self.client.set_many(data, **kwargs)
         return result
+
+    # -- stampede-safe computation ---------------------------------------------
+
+    def get_or_set_stampede_safe(
+        self,
+        key: Any,
+        default: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        soft_timeout: float | None = None,
+        stale_if_error: float | None = None,
+        version: int | None = None,
+    ) -> Any:
+        """Return the cached value of ``key``, computing it once fleet-wide.
+
+        ``default`` is a zero-argument callable (or a plain value, as in
+        ``get_or_set``). ``timeout`` is Django's: nothing older is ever
+        served. Past ``soft_timeout`` (default: ``SOFT_TIMEOUT_RATIO`` of
+        ``timeout``) the value is still served while one caller refreshes it;
+        XFetch may start that refresh a little earlier. With
+        ``stale_if_error=E`` a value up to E seconds past ``timeout`` is
+        returned if recomputing it raises. Redis being down or slow never
+        raises here: the value is computed locally, still coalesced per
+        process.
+        """
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.default_timeout
+        return stampede.get_or_set_stampede_safe(
+            self, key, default, timeout, soft_timeout, stale_if_error, version
+        )
+
+    def get_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> Any:
+        """Django's ``get_or_set``, on the stampede-safe path."""
+        return self.get_or_set_stampede_safe(key, default, timeout, version=version)

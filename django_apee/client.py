@@ -23,8 +23,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from django_apee import scripts
+from django_apee import keys, scripts
 from django_apee.envelope import DecodeError, Meta
+
+#: Pub/sub channel on which lease changes wake waiters (``lease.py``).
+WAKE_CHANNEL = "django_apee:wake"
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -68,17 +71,28 @@ class ApeeClientMixin:
         """
         if isinstance(value, int):
             return value
+        return self._decode_with_meta(value)[0]
+
+    def decode_entry(self, raw: bytes | str) -> tuple[Any, Meta | None] | None:
+        """Value and timing metadata of a stored entry; None (counted) if unreadable."""
+        try:
+            return self._decode_with_meta(raw)
+        except DecodeError:
+            return None
+
+    def _decode_with_meta(self, value: bytes | str) -> tuple[Any, Meta | None]:
         if isinstance(value, str):
             value = value.encode()
         try:
-            return self._backend.envelope.decode(value).value
+            decoded = self._backend.envelope.decode(value)
         except DecodeError as error:
             if error.reason == "foreign" and self._backend.legacy_reads:
                 legacy = self._decode_legacy(value)
                 if legacy is not _MISSING:
-                    return legacy
+                    return legacy, None
             self._backend.report_decode_error(error)
             raise
+        return decoded.value, decoded.meta
 
     def _decode_legacy(self, value: bytes) -> Any:
         """Read a value django-redis or Django's RedisCache wrote (migration)."""
@@ -108,10 +122,13 @@ class ApeeClientMixin:
         version: int | None = None,
         client: Redis | None = None,
     ) -> Any:
-        try:
-            return super().get(key, default=default, version=version, client=client)  # type: ignore[misc]
-        except DecodeError:
-            return default
+        """Return the value, or ``default`` when absent, unreadable or past hard.
+
+        An entry written with ``stale_if_error`` outlives its hard timeout in
+        Redis (by the grace); only such entries cost a second round trip, to
+        learn their age: plain ``get`` never serves past Django's timeout.
+        """
+        return self.get_many([key], version=version, client=client).get(key, default)
 
     def get_many(
         self,
@@ -125,18 +142,42 @@ class ApeeClientMixin:
         if not by_made_key:
             return {}
         try:
-            raw_values = client.mget(list(by_made_key))
+            if len(by_made_key) == 1:
+                raw_values = [client.get(next(iter(by_made_key)))]
+            else:
+                raw_values = client.mget(list(by_made_key))
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
-        found = {}
+        found: dict[Any, Any] = {}
+        graced: dict[CacheKey, Meta] = {}
         for made_key, raw in zip(by_made_key, raw_values, strict=True):
-            if raw is None:
+            entry = None if raw is None else self.decode_entry(raw)
+            if entry is None:
                 continue
-            try:
-                found[by_made_key[made_key]] = self.decode(raw)
-            except DecodeError:
-                continue
+            found[by_made_key[made_key]] = entry[0]
+            if entry[1] is not None and entry[1].grace_ms:
+                graced[made_key] = entry[1]
+        if graced:
+            self._drop_past_hard(client, graced, by_made_key, found)
         return found
+
+    @staticmethod
+    def _drop_past_hard(
+        client: Redis,
+        graced: dict[CacheKey, Meta],
+        by_made_key: dict[CacheKey, Any],
+        found: dict[Any, Any],
+    ) -> None:
+        try:
+            pipeline = client.pipeline(transaction=False)
+            for made_key in graced:
+                pipeline.pttl(made_key)
+            pttls = pipeline.execute()
+        except REDIS_ERRORS as error:
+            raise ConnectionInterrupted(connection=client) from error
+        for (made_key, meta), pttl in zip(graced.items(), pttls, strict=True):
+            if 0 <= pttl <= meta.grace_ms:
+                del found[by_made_key[made_key]]
 
     def set(
         self,
@@ -163,8 +204,15 @@ class ApeeClientMixin:
         px = None if timeout is None else to_milliseconds(timeout)
         if client is None:
             client = self.get_client(write=True)  # type: ignore[attr-defined]
+        mode = "NX" if nx else "XX" if xx else ""
         try:
-            return bool(client.set(made, encoded, px=px, nx=nx, xx=xx))
+            stored = scripts.run(
+                client,
+                "set",
+                keys=[made, keys.companion(made, keys.LEASE)],
+                args=[encoded, "" if px is None else px, mode, WAKE_CHANNEL],
+            )
+            return bool(stored)
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
 
@@ -178,7 +226,7 @@ class ApeeClientMixin:
             if nx:
                 # add() with timeout 0: true when the key was absent; store nothing.
                 return not client.exists(made)
-            deleted = bool(client.delete(made))
+            deleted = bool(self._revoke(client, made))
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
         return deleted if xx else True
@@ -239,9 +287,37 @@ class ApeeClientMixin:
         if client is None:
             client = self.get_client(write=True)  # type: ignore[attr-defined]
         try:
-            return int(client.delete(*made))
+            pipeline = client.pipeline(transaction=False)
+            for one in made:
+                self._revoke(pipeline, one)
+            return sum(pipeline.execute())
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
+
+    def delete(
+        self,
+        key: Any,
+        version: int | None = None,
+        prefix: str | None = None,
+        client: Redis | None = None,
+    ) -> int:
+        """Delete a value and revoke any lease on it (see ``lua/delete.lua``)."""
+        made = self.make_key(key, version=version, prefix=prefix)
+        if client is None:
+            client = self.get_client(write=True)  # type: ignore[attr-defined]
+        try:
+            return int(self._revoke(client, made))
+        except REDIS_ERRORS as error:
+            raise ConnectionInterrupted(connection=client) from error
+
+    @staticmethod
+    def _revoke(client: Any, made: CacheKey) -> Any:
+        return scripts.run(
+            client,
+            "delete",
+            keys=[made, keys.companion(made, keys.LEASE)],
+            args=[WAKE_CHANNEL],
+        )
 
     def incr_version(
         self,

@@ -12,11 +12,75 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 if TYPE_CHECKING:
     from django_apee.cache import ApeeCache
 
+#: Buckets from 100 µs to 60 s: a hit-path wait and a minute-long compute
+#: both land in a bucket that tells them apart.
+BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+HITS = Counter(
+    "apee_cache_stampede_hits",
+    "get_or_set_stampede_safe calls answered from the cache.",
+    ["cache"],
+)
+MISSES = Counter(
+    "apee_cache_stampede_misses",
+    "get_or_set_stampede_safe calls that found no servable value.",
+    ["cache"],
+)
+STALE_SERVED = Counter(
+    "apee_cache_stale_served",
+    "Values served past their soft timeout (inside the hard one).",
+    ["cache"],
+)
+EARLY_REFRESHES = Counter(
+    "apee_cache_early_refreshes",
+    "Refreshes started before the soft timeout, chosen by XFetch.",
+    ["cache"],
+)
+COMPUTES = Counter(
+    "apee_cache_computes",
+    "Computations run under a lease, by outcome (ok, error).",
+    ["cache", "outcome"],
+)
+COMPUTE_SECONDS = Histogram(
+    "apee_cache_compute_seconds",
+    "How long successful computations took.",
+    ["cache"],
+    buckets=BUCKETS,
+)
+LEASE_WAIT_SECONDS = Histogram(
+    "apee_cache_lease_wait_seconds",
+    "How long a caller waited for another process's computation.",
+    ["cache"],
+    buckets=BUCKETS,
+)
+LEASE_RENEWALS = Counter(
+    "apee_cache_lease_renewals",
+    "Lease extensions made while a computation ran.",
+    ["cache"],
+)
+LEASE_LOST = Counter(
+    "apee_cache_lease_lost",
+    "Computations whose lease was gone when they finished (nothing stored).",
+    ["cache"],
+)
+FALLBACKS = Counter(
+    "apee_cache_fallbacks",
+    "Values computed without the cache's coordination, by reason.",
+    ["cache", "reason"],
+)
+REDIS_ERRORS = Counter(
+    "apee_cache_redis_errors",
+    "Redis errors met on the stampede path.",
+    ["cache"],
+)
 SERIALIZATION_ERRORS = Counter(
     "apee_cache_serialization_errors",
     "Stored values that could not be read and were treated as a miss, by reason.",

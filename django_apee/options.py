@@ -13,8 +13,11 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
+from django_apee.policy import Policy
+
 CODECS = ("msgpack", "pickle")
 COMPRESSIONS = ("zstd", "lz4", "zlib", "none")
+REFRESH_MODES = ("background", "inline")
 
 #: Socket timeouts applied when the user sets none. redis-py waits forever by
 #: default, so a frozen Redis would freeze every request; these bound each
@@ -59,6 +62,12 @@ class ApeeOptions:
     allow_pickle: bool
     legacy_reads: bool
     redis_options: dict[str, Any]
+    policy: Policy
+    wait_timeout: float
+    refresh: str
+    refresh_workers: int
+    breaker_threshold: int
+    breaker_cooldown: float
 
     @classmethod
     def from_params(cls, options: dict[str, Any]) -> ApeeOptions:
@@ -115,4 +124,35 @@ class ApeeOptions:
             allow_pickle=allow_pickle,
             legacy_reads=_flag(options, "LEGACY_READS", False),
             redis_options=redis_options,
+            policy=_policy(options),
+            wait_timeout=_number(options, "WAIT_TIMEOUT", 10.0, 0.001),
+            refresh=_choice(options, "REFRESH", "background", REFRESH_MODES),
+            refresh_workers=int(_number(options, "REFRESH_WORKERS", 4, 1)),
+            breaker_threshold=int(_number(options, "BREAKER_THRESHOLD", 3, 1)),
+            breaker_cooldown=_number(options, "BREAKER_COOLDOWN", 1.0, 0.001),
         )
+
+
+def _choice(
+    options: dict[str, Any], name: str, default: str, allowed: tuple[str, ...]
+) -> str:
+    value = options.get(name, default)
+    if value not in allowed:
+        raise ImproperlyConfigured(
+            f"CACHES OPTIONS[{name!r}] must be one of {allowed}, got {value!r}."
+        )
+    return str(value)
+
+
+def _policy(options: dict[str, Any]) -> Policy:
+    """The stampede knobs; Policy validates their relations."""
+    try:
+        return Policy(
+            beta=_number(options, "XFETCH_BETA", 1.0, 0),
+            default_lease_ms=int(_number(options, "LEASE_TIMEOUT", 5.0, 0.001) * 1000),
+            min_lease_ms=int(_number(options, "LEASE_MIN", 0.5, 0.001) * 1000),
+            max_lease_ms=int(_number(options, "LEASE_MAX", 60.0, 0.001) * 1000),
+            soft_ratio=_number(options, "SOFT_TIMEOUT_RATIO", 0.9, 0.001),
+        )
+    except ValueError as error:
+        raise ImproperlyConfigured(f"CACHES OPTIONS: {error}") from error

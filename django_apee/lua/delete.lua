@@ -1,0 +1,10 @@
+-- Delete a value and revoke any lease on it, so a computation that started
+-- before this invalidation cannot write pre-invalidation data back (the
+-- "stale set" problem). Waiters are woken to look again.
+-- KEYS[1] value key, KEYS[2] lease key; ARGV[1] wake channel.
+-- Returns the number of value keys deleted (0 or 1).
+local deleted = redis.call("DEL", KEYS[1])
+if redis.call("DEL", KEYS[2]) == 1 then
+  redis.call("PUBLISH", ARGV[1], KEYS[1])
+end
+return deleted

@@ -1,0 +1,21 @@
+-- The fenced end of a computation, in one atomic step: store the value only
+-- if the lease is still ours, free the lease, wake the waiters. A holder
+-- that lost its lease writes nothing: someone newer owns the entry now, or
+-- delete() invalidated it while we computed.
+-- KEYS[1] value key, KEYS[2] lease key
+-- ARGV[1] token, ARGV[2] wake channel, ARGV[3] "1" to write,
+-- ARGV[4] payload, ARGV[5] PX in ms ("" for no expiry).
+-- Returns 1 when the lease was ours, else 0.
+if redis.call("GET", KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+if ARGV[3] == "1" then
+  if ARGV[5] == "" then
+    redis.call("SET", KEYS[1], ARGV[4])
+  else
+    redis.call("SET", KEYS[1], ARGV[4], "PX", ARGV[5])
+  end
+end
+redis.call("DEL", KEYS[2])
+redis.call("PUBLISH", ARGV[2], KEYS[1])
+return 1

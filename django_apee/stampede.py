@@ -1,0 +1,415 @@
+"""get_or_set_stampede_safe: one computation per expiry, fleet-wide.
+
+This module only composes: ``policy`` decides (state, XFetch, lease and wait
+lengths), ``lease`` talks to Redis, ``singleflight`` coalesces the threads of
+one process, ``breaker`` keeps an outage from costing every request a timeout.
+
+The path of one call:
+
+1. *Hit*: one round trip reads the value and its PTTL. Fresh: return it.
+   Early (picked by XFetch) or stale: return it, and whoever wins the lease
+   refreshes it, in the background by default, so no request waits.
+2. *Miss* (absent, past its hard timeout, unreadable): the threads of this
+   process coalesce; their leader takes the lease and computes, or waits for
+   the holder's wake-up, timed to the lease's life, and takes over if the
+   holder died. No wait outlives ``WAIT_TIMEOUT``; then the value is computed
+   here and not stored (``fallback``).
+3. *Redis trouble*: compute here, still coalesced in this process, and let
+   the circuit breaker spare the next requests the timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from django_apee import lease, metrics, policy
+from django_apee.breaker import CircuitBreaker
+from django_apee.client import REDIS_ERRORS, to_milliseconds
+from django_apee.envelope import Meta
+from django_apee.singleflight import LeaderAborted, SingleFlight, SingleFlightTimeout
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from redis import Redis
+
+    from django_apee.cache import ApeeCache
+
+logger = logging.getLogger("django_apee")
+
+_MISSING: Any = object()
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one entry is to be stored: its timeouts in milliseconds."""
+
+    hard_ms: int
+    soft_ms: int
+    grace_ms: int
+
+    @property
+    def px(self) -> int | None:
+        return self.hard_ms + self.grace_ms if self.hard_ms else None
+
+    def meta(self, delta_ms: int) -> Meta:
+        return Meta(self.soft_ms, self.hard_ms, self.grace_ms, delta_ms)
+
+
+def make_spec(
+    timeout: float | None,
+    soft_timeout: float | None,
+    stale_if_error: float | None,
+    rules: policy.Policy,
+) -> Spec:
+    hard_ms = 0 if timeout is None else to_milliseconds(timeout)
+    soft_ms = None if soft_timeout is None else to_milliseconds(soft_timeout)
+    if soft_ms is not None and hard_ms and soft_ms > hard_ms:
+        raise ValueError(
+            f"soft_timeout ({soft_timeout}) must not exceed timeout ({timeout})."
+        )
+    if hard_ms == 0:
+        soft_ms = None  # a persistent entry has no soft timeout either
+    grace_ms = to_milliseconds(stale_if_error) if stale_if_error else 0
+    return Spec(hard_ms, policy.soft_timeout_ms(hard_ms, soft_ms, rules), grace_ms)
+
+
+class Coordinator:
+    """What the threads of one process share for one cache alias."""
+
+    def __init__(self, backend: ApeeCache) -> None:
+        options = backend.apee
+        self.alias = backend.alias
+        self.policy = options.policy
+        self.wait_timeout = options.wait_timeout
+        self.refresh_mode = options.refresh
+        self.flights: SingleFlight[Any] = SingleFlight()
+        self.breaker = CircuitBreaker(
+            threshold=options.breaker_threshold, cooldown=options.breaker_cooldown
+        )
+        self.hub = lease.wake_hub(
+            str(backend._server), lambda: backend.client.get_client(write=True)
+        )
+        self._refreshing: set[str] = set()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(
+            max_workers=options.refresh_workers,
+            thread_name_prefix="django-apee-refresh",
+        )
+        self._pool_slots = threading.BoundedSemaphore(options.refresh_workers * 2)
+
+    # -- the call -------------------------------------------------------------
+
+    def get_or_set(
+        self, backend: ApeeCache, made: str, compute: Callable[[], Any], spec: Spec
+    ) -> Any:
+        if not self.breaker.allow():
+            return self._local(made, compute, reason="circuit_open")
+        try:
+            client = backend.client.get_client(write=True)
+            raw, pttl = lease.read(client, made)
+        except REDIS_ERRORS:
+            self._redis_failed()
+            return self._local(made, compute, reason="redis_error")
+        self.breaker.success()
+        stale = _MISSING
+        previous: Meta | None = None
+        if raw is not None:
+            decoded = backend.client.decode_entry(raw)
+            if decoded is not None:
+                value, previous = decoded
+                state = policy.state(
+                    previous, pttl, policy=self.policy, rand=random.random()
+                )
+                if state.servable:
+                    return self._serve(
+                        backend, client, made, compute, spec, value, state, previous
+                    )
+                if state is policy.State.GRACE:
+                    stale = value
+        metrics.MISSES.labels(cache=self.alias).inc()
+        return self._coalesced(
+            made,
+            lambda: self._fill(backend, client, made, compute, spec, stale, previous),
+        )
+
+    def _serve(
+        self,
+        backend: ApeeCache,
+        client: Redis,
+        made: str,
+        compute: Callable[[], Any],
+        spec: Spec,
+        value: Any,
+        state: policy.State,
+        previous: Meta | None,
+    ) -> Any:
+        metrics.HITS.labels(cache=self.alias).inc()
+        if state is policy.State.FRESH:
+            return value
+        if state is policy.State.STALE:
+            metrics.STALE_SERVED.labels(cache=self.alias).inc()
+        refreshed = self._refresh(backend, client, made, compute, spec, state, previous)
+        return value if refreshed is _MISSING else refreshed
+
+    # -- refresh while a value is servable ------------------------------------
+
+    def _refresh(
+        self,
+        backend: ApeeCache,
+        client: Redis,
+        made: str,
+        compute: Callable[[], Any],
+        spec: Spec,
+        state: policy.State,
+        previous: Meta | None,
+    ) -> Any:
+        """Refresh ``made`` if this caller wins its lease; never wait for it.
+
+        Returns the new value when refreshed inline, else ``_MISSING``.
+        """
+        with self._lock:
+            if made in self._refreshing:
+                return _MISSING  # this process is already on it
+            self._refreshing.add(made)
+        try:
+            attempt = lease.acquire(client, made, self._lease_ms(previous))
+        except REDIS_ERRORS:
+            self._forget_refresh(made)
+            self._redis_failed()
+            return _MISSING
+        held = attempt.lease
+        if held is None:
+            self._forget_refresh(made)
+            return _MISSING
+        if state is policy.State.EARLY:
+            metrics.EARLY_REFRESHES.labels(cache=self.alias).inc()
+        if self.refresh_mode == "inline":
+            try:
+                return self._compute_and_store(backend, held, compute, spec, _MISSING)
+            finally:
+                self._forget_refresh(made)
+        if not self._pool_slots.acquire(blocking=False):
+            self._forget_refresh(made)
+            self._release_quietly(held)
+            metrics.FALLBACKS.labels(cache=self.alias, reason="refresh_pool_full").inc()
+            return _MISSING
+        self._pool.submit(self._background, backend, held, compute, spec)
+        return _MISSING
+
+    def _background(
+        self,
+        backend: ApeeCache,
+        held: lease.Lease,
+        compute: Callable[[], Any],
+        spec: Spec,
+    ) -> None:
+        from django.db import connections
+
+        try:
+            self._compute_and_store(backend, held, compute, spec, _MISSING)
+        except Exception:
+            logger.warning(
+                "django_apee: background refresh of %s failed",
+                held.value_key,
+                exc_info=True,
+            )
+        finally:
+            self._pool_slots.release()
+            self._forget_refresh(held.value_key)
+            connections.close_all()  # this thread's connections only
+
+    def _forget_refresh(self, made: str) -> None:
+        with self._lock:
+            self._refreshing.discard(made)
+
+    # -- miss ------------------------------------------------------------------
+
+    def _coalesced(self, made: str, fill: Callable[[], Any]) -> Any:
+        try:
+            return self.flights.do(made, fill, timeout=self.wait_timeout).value
+        except (SingleFlightTimeout, LeaderAborted) as error:
+            raise _Fallback("wait_timeout") from error
+
+    def _fill(
+        self,
+        backend: ApeeCache,
+        client: Redis,
+        made: str,
+        compute: Callable[[], Any],
+        spec: Spec,
+        stale: Any,
+        previous: Meta | None,
+    ) -> Any:
+        """Leader of this process: take the lease and compute, or wait for it."""
+        deadline = time.monotonic() + self.wait_timeout
+        lease_ms = self._lease_ms(previous)
+        waited = 0.0
+        while True:
+            event = self.hub.expect(made)
+            try:
+                try:
+                    attempt = lease.acquire(client, made, lease_ms)
+                except REDIS_ERRORS:
+                    self._redis_failed()
+                    return self._compute_unstored(compute, "redis_error")
+                if attempt.lease is not None:
+                    self._observe_wait(waited)
+                    return self._compute_and_store(
+                        backend, attempt.lease, compute, spec, stale
+                    )
+                landed = self._servable(backend, attempt.raw, attempt.pttl_ms)
+                if landed is not _MISSING:
+                    self._observe_wait(waited)
+                    return landed
+                remaining_ms = int((deadline - time.monotonic()) * 1000)
+                if remaining_ms <= 0:
+                    break
+                started = time.monotonic()
+                event.wait(policy.wait_ms(attempt.lease_pttl_ms, remaining_ms) / 1000)
+                waited += time.monotonic() - started
+            finally:
+                self.hub.done(made, event)
+        self._observe_wait(waited)
+        return self._compute_unstored(compute, "wait_timeout")
+
+    def _servable(self, backend: ApeeCache, raw: bytes | None, pttl: int) -> Any:
+        if raw is None:
+            return _MISSING
+        decoded = backend.client.decode_entry(raw)
+        if decoded is None:
+            return _MISSING
+        value, meta = decoded
+        state = policy.state(meta, pttl, policy=self.policy, rand=0.0)
+        return value if state.servable else _MISSING
+
+    # -- computing -------------------------------------------------------------
+
+    def _compute_and_store(
+        self,
+        backend: ApeeCache,
+        held: lease.Lease,
+        compute: Callable[[], Any],
+        spec: Spec,
+        stale: Any,
+    ) -> Any:
+        lease.RENEWER.track(held)
+        started = time.monotonic()
+        try:
+            value = compute()
+        except Exception:
+            lease.RENEWER.untrack(held)
+            self._release_quietly(held)  # free at once: the next caller retries
+            metrics.COMPUTES.labels(cache=self.alias, outcome="error").inc()
+            if stale is not _MISSING:
+                metrics.FALLBACKS.labels(
+                    cache=self.alias, reason="stale_if_error"
+                ).inc()
+                return stale
+            raise
+        except BaseException:
+            lease.RENEWER.untrack(held)
+            self._release_quietly(held)
+            raise
+        elapsed = time.monotonic() - started
+        lease.RENEWER.untrack(held)
+        metrics.COMPUTES.labels(cache=self.alias, outcome="ok").inc()
+        metrics.COMPUTE_SECONDS.labels(cache=self.alias).observe(elapsed)
+        try:
+            payload = backend.envelope.encode(
+                value, spec.meta(policy.measured_delta_ms(elapsed))
+            )
+        except Exception:
+            self._release_quietly(held)
+            raise
+        assert isinstance(payload, bytes)  # values with meta are always enveloped
+        try:
+            ours = lease.release(held, payload, spec.px)
+        except REDIS_ERRORS:
+            self._redis_failed()
+            return value
+        if not ours or held.lost.is_set():
+            metrics.LEASE_LOST.labels(cache=self.alias).inc()
+        metrics.LEASE_RENEWALS.labels(cache=self.alias).inc(held.renewals)
+        return value
+
+    def _compute_unstored(self, compute: Callable[[], Any], reason: str) -> Any:
+        metrics.FALLBACKS.labels(cache=self.alias, reason=reason).inc()
+        return compute()
+
+    def _local(self, made: str, compute: Callable[[], Any], reason: str) -> Any:
+        """Redis is away: compute here, coalesced with this process's threads."""
+        metrics.FALLBACKS.labels(cache=self.alias, reason=reason).inc()
+        return self._coalesced(made, compute)
+
+    def _release_quietly(self, held: lease.Lease) -> None:
+        try:
+            lease.release(held, None, None)
+        except REDIS_ERRORS:
+            self._redis_failed()
+
+    def _redis_failed(self) -> None:
+        metrics.REDIS_ERRORS.labels(cache=self.alias).inc()
+        self.breaker.failure()
+
+    def _lease_ms(self, previous: Meta | None) -> int:
+        delta = previous.delta_ms if previous is not None else None
+        return policy.lease_ms(delta or None, self.policy)
+
+    def _observe_wait(self, waited: float) -> None:
+        if waited:
+            metrics.LEASE_WAIT_SECONDS.labels(cache=self.alias).observe(waited)
+
+
+class _Fallback(Exception):
+    """A follower's wait ran out; the caller computes locally."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_COORDINATORS: dict[tuple[str, str], Coordinator] = {}
+_COORDINATORS_LOCK = threading.Lock()
+
+
+def coordinator(backend: ApeeCache) -> Coordinator:
+    """The process-wide Coordinator of ``backend``'s alias.
+
+    Django builds a backend per thread; coalescing, the breaker and the
+    refresh pool must be shared by all of them.
+    """
+    key = (backend.alias, str(backend._server))
+    with _COORDINATORS_LOCK:
+        found = _COORDINATORS.get(key)
+        if found is None:
+            found = _COORDINATORS[key] = Coordinator(backend)
+        return found
+
+
+def get_or_set_stampede_safe(
+    backend: ApeeCache,
+    key: Any,
+    default: Any,
+    timeout: float | None,
+    soft_timeout: float | None,
+    stale_if_error: float | None,
+    version: int | None,
+) -> Any:
+    compute: Callable[[], Any] = default if callable(default) else (lambda: default)
+    if timeout is not None and timeout <= 0:
+        return compute()  # Django: a timeout of 0 or less stores nothing
+    made = backend.client.make_key(key, version=version)  # with Django's key checks
+    spec = make_spec(timeout, soft_timeout, stale_if_error, backend.apee.policy)
+    shared = coordinator(backend)
+    try:
+        return shared.get_or_set(backend, made, compute, spec)
+    except _Fallback as fallback:
+        metrics.FALLBACKS.labels(cache=shared.alias, reason=fallback.reason).inc()
+        return compute()
