@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from django_apee import keys, scripts
-from django_apee.envelope import DecodeError, Meta
+from django_apee.envelope import DecodeError, Meta, peek_meta
 
 #: Pub/sub channel on which lease changes wake waiters (``lease.py``).
 WAKE_CHANNEL = "django_apee:wake"
@@ -230,6 +230,45 @@ class ApeeClientMixin:
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
         return deleted if xx else True
+
+    def pttl(
+        self, key: Any, version: int | None = None, client: Redis | None = None
+    ) -> int | None:
+        """Milliseconds until the value stops being served (django-redis's shape).
+
+        0 when absent (or past its hard timeout), None when persistent. For an
+        entry written with ``stale_if_error`` this is the time to its hard
+        timeout, not to the end of the grace Redis keeps it for.
+        """
+        made = self.make_key(key, version=version)
+        if client is None:
+            client = self.get_client(write=False)  # type: ignore[attr-defined]
+        try:
+            pipeline = client.pipeline(transaction=False)
+            pipeline.getrange(made, 0, 260)  # the header and metadata, not the value
+            pipeline.pttl(made)
+            raw, pttl = pipeline.execute()
+        except REDIS_ERRORS as error:
+            raise ConnectionInterrupted(connection=client) from error
+        if pttl == -2:
+            return 0
+        if pttl == -1:
+            return None
+        meta = peek_meta(raw)
+        return max(0, int(pttl) - (meta.grace_ms if meta is not None else 0))
+
+    def ttl(
+        self, key: Any, version: int | None = None, client: Redis | None = None
+    ) -> int | None:
+        """Seconds until the value stops being served; see ``pttl``."""
+        pttl = self.pttl(key, version=version, client=client)
+        return None if pttl is None else (pttl + 500) // 1000
+
+    def has_key(
+        self, key: Any, version: int | None = None, client: Redis | None = None
+    ) -> bool:
+        """True when ``get`` would find a value (so not past its hard timeout)."""
+        return self.pttl(key, version=version, client=client) != 0
 
     def touch(
         self,

@@ -1150,3 +1150,23 @@ def _unpack_meta(raw: bytes) -> Meta:
                 "corrupt", f"metadata field {field!r} is not a non-negative int"
             )
     return Meta(*known)
+
+
+def peek_meta(data: bytes) -> Meta | None:
+    """The timing metadata of stored bytes, without decoding the payload.
+
+    For questions about an entry's age (``ttl``, ``has_key``) that must not
+    pay for decompressing or unpickling the value. None when the bytes carry
+    no metadata or are not a readable envelope header.
+    """
+    if len(data) < 5 or not data.startswith(MAGIC) or data[2] != FORMAT_VERSION:
+        return None
+    if not data[3] & _FLAG_META:
+        return None
+    end = 5 + data[4]
+    if len(data) < end:
+        return None
+    try:
+        return _unpack_meta(data[5:end])
+    except DecodeError:
+        return None
