@@ -97,6 +97,7 @@ class Coordinator:
             str(backend._server), lambda: backend.client.get_client(write=True)
         )
         self._refreshing: set[str] = set()
+        self._held_elsewhere: dict[str, float] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
             max_workers=options.refresh_workers,
@@ -174,9 +175,10 @@ class Coordinator:
 
         Returns the new value when refreshed inline, else ``_MISSING``.
         """
+        now = time.monotonic()
         with self._lock:
-            if made in self._refreshing:
-                return _MISSING  # this process is already on it
+            if made in self._refreshing or self._held_elsewhere.get(made, 0) > now:
+                return _MISSING  # this process, or another we know of, is on it
             self._refreshing.add(made)
         try:
             attempt = lease.acquire(client, made, self._lease_ms(previous))
@@ -186,7 +188,7 @@ class Coordinator:
             return _MISSING
         held = attempt.lease
         if held is None:
-            self._forget_refresh(made)
+            self._forget_refresh(made, held_for_ms=attempt.lease_pttl_ms)
             return _MISSING
         if state is policy.State.EARLY:
             metrics.EARLY_REFRESHES.labels(cache=self.alias).inc()
@@ -225,9 +227,21 @@ class Coordinator:
             self._forget_refresh(held.value_key)
             connections.close_all()  # this thread's connections only
 
-    def _forget_refresh(self, made: str) -> None:
+    def _forget_refresh(self, made: str, held_for_ms: int = 0) -> None:
+        """Done refreshing ``made``; remember another holder's lease, if any.
+
+        While another process holds the lease, stale reads here skip the
+        acquire round trip until that lease would run out.
+        """
         with self._lock:
             self._refreshing.discard(made)
+            if held_for_ms > 0:
+                if len(self._held_elsewhere) > 10_000:
+                    now = time.monotonic()
+                    self._held_elsewhere = {
+                        k: t for k, t in self._held_elsewhere.items() if t > now
+                    }
+                self._held_elsewhere[made] = time.monotonic() + held_for_ms / 1000
 
     # -- miss ------------------------------------------------------------------
 
