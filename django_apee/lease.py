@@ -243,6 +243,8 @@ class WakeHub:
                 self._listen()
             except Exception:
                 logger.debug("django_apee: wake-up subscription lost", exc_info=True)
+            if self.subscribed.is_set():
+                backoff = 0.05  # it worked until now: a fresh failure, not a streak
             self.subscribed.clear()
             self._wake_all()  # they look again rather than sleep to their timeout
             time.sleep(backoff)
@@ -256,6 +258,10 @@ class WakeHub:
                 message = pubsub.get_message(timeout=1.0)
                 if not self.subscribed.is_set() and pubsub.subscribed:
                     self.subscribed.set()
+                    # A wake-up published before the subscription was up
+                    # never reached us: whoever registered meanwhile looks
+                    # again instead of sleeping to the lease's end.
+                    self._wake_all()
                 if message is None or message.get("type") != "message":
                     continue
                 key = message["data"]

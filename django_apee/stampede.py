@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from django_redis.exceptions import ConnectionInterrupted
+
 from django_apee import lease, metrics, policy
 from django_apee.breaker import CircuitBreaker
 from django_apee.client import REDIS_ERRORS, to_milliseconds
@@ -130,7 +132,15 @@ class Coordinator:
                 )
                 if state.servable:
                     return self._serve(
-                        backend, client, made, compute, spec, value, state, previous
+                        backend,
+                        client,
+                        made,
+                        compute,
+                        spec,
+                        value,
+                        state,
+                        previous,
+                        pttl,
                     )
                 if state is policy.State.GRACE:
                     stale = value
@@ -150,13 +160,16 @@ class Coordinator:
         value: Any,
         state: policy.State,
         previous: Meta | None,
+        pttl: int,
     ) -> Any:
         metrics.HITS.labels(cache=self.alias).inc()
         if state is policy.State.FRESH:
             return value
         if state is policy.State.STALE:
             metrics.STALE_SERVED.labels(cache=self.alias).inc()
-        refreshed = self._refresh(backend, client, made, compute, spec, state, previous)
+        refreshed = self._refresh(
+            backend, client, made, compute, spec, state, previous, pttl
+        )
         return value if refreshed is _MISSING else refreshed
 
     # -- refresh while a value is servable ------------------------------------
@@ -170,6 +183,7 @@ class Coordinator:
         spec: Spec,
         state: policy.State,
         previous: Meta | None,
+        read_pttl: int,
     ) -> Any:
         """Refresh ``made`` if this caller wins its lease; never wait for it.
 
@@ -189,6 +203,14 @@ class Coordinator:
         held = attempt.lease
         if held is None:
             self._forget_refresh(made, held_for_ms=attempt.lease_pttl_ms)
+            return _MISSING
+        if attempt.pttl_ms > read_pttl >= 0:
+            # Rewritten since we read it (a PTTL only falls): another
+            # process's refresh landed between our read and this acquire, and
+            # its lease is free again. Refreshing now would be a second
+            # compute for one expiry.
+            self._forget_refresh(made)
+            self._release_quietly(held)
             return _MISSING
         if state is policy.State.EARLY:
             metrics.EARLY_REFRESHES.labels(cache=self.alias).inc()
@@ -273,15 +295,21 @@ class Coordinator:
                 except REDIS_ERRORS:
                     self._redis_failed()
                     return self._compute_unstored(compute, "redis_error")
+                # Look at the value first: a waiter woken by the holder's
+                # release finds the lease free *and* the value landed; taking
+                # the free lease and computing again would be a second compute
+                # for one expiry.
+                landed = self._servable(backend, attempt.raw, attempt.pttl_ms)
+                if landed is not _MISSING:
+                    if attempt.lease is not None:
+                        self._release_quietly(attempt.lease)
+                    self._observe_wait(waited)
+                    return landed
                 if attempt.lease is not None:
                     self._observe_wait(waited)
                     return self._compute_and_store(
                         backend, attempt.lease, compute, spec, stale
                     )
-                landed = self._servable(backend, attempt.raw, attempt.pttl_ms)
-                if landed is not _MISSING:
-                    self._observe_wait(waited)
-                    return landed
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
                 if remaining_ms <= 0:
                     break
@@ -348,7 +376,7 @@ class Coordinator:
         except REDIS_ERRORS:
             self._redis_failed()
             return value
-        if not ours or held.lost.is_set():
+        if not ours:  # ``held.lost`` can be a renewal that raced this release
             metrics.LEASE_LOST.labels(cache=self.alias).inc()
         metrics.LEASE_RENEWALS.labels(cache=self.alias).inc(held.renewals)
         return value
@@ -418,7 +446,13 @@ def get_or_set_stampede_safe(
 ) -> Any:
     compute: Callable[[], Any] = default if callable(default) else (lambda: default)
     if timeout is not None and timeout <= 0:
-        return compute()  # Django: a timeout of 0 or less stores nothing
+        # Django's get_or_set returns a value already cached, and only a
+        # computed one is not stored (a timeout of 0 or less stores nothing).
+        try:
+            found = backend.client.get(key, _MISSING, version=version)
+        except (ConnectionInterrupted, *REDIS_ERRORS):
+            found = _MISSING
+        return compute() if found is _MISSING else found
     made = backend.client.make_key(key, version=version)  # with Django's key checks
     spec = make_spec(timeout, soft_timeout, stale_if_error, backend.apee.policy)
     shared = coordinator(backend)

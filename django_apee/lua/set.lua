@@ -3,6 +3,22 @@
 -- KEYS[1] value key, KEYS[2] lease key
 -- ARGV[1] payload, ARGV[2] PX in ms ("" for none), ARGV[3] "", "NX" or "XX",
 -- ARGV[4] wake channel. Returns 1 when stored, else 0.
+-- An entry kept past its hard timeout only for stale_if_error is absent for
+-- Django: add() (NX) must be able to replace it. Its grace is the third
+-- field of the envelope's metadata (see envelope.py), read without the value.
+if ARGV[3] == "NX" then
+  local head = redis.call("GETRANGE", KEYS[1], 0, 260)
+  if string.sub(head, 1, 3) == "\193\169\1" and string.len(head) >= 5
+      and bit.band(string.byte(head, 4), 16) ~= 0 then
+    local ok, meta = pcall(cmsgpack.unpack,
+                           string.sub(head, 6, 5 + string.byte(head, 5)))
+    local grace = ok and type(meta) == "table" and tonumber(meta[3]) or 0
+    local pttl = redis.call("PTTL", KEYS[1])
+    if grace > 0 and pttl >= 0 and pttl <= grace then
+      redis.call("DEL", KEYS[1])
+    end
+  end
+end
 local command = {"SET", KEYS[1], ARGV[1]}
 if ARGV[2] ~= "" then
   table.insert(command, "PX")
