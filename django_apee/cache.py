@@ -17,6 +17,7 @@ import hashlib
 import logging
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django_redis.cache import RedisCache, omit_exception
@@ -157,3 +158,46 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
     ) -> Any:
         """Django's ``get_or_set``, on the stampede-safe path."""
         return self.get_or_set_stampede_safe(key, default, timeout, version=version)
+
+    async def aget_or_set_stampede_safe(
+        self,
+        key: Any,
+        default: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        soft_timeout: float | None = None,
+        stale_if_error: float | None = None,
+        version: int | None = None,
+    ) -> Any:
+        """The async twin of ``get_or_set_stampede_safe``.
+
+        Runs in a worker thread that is *not* the one thread-sensitive
+        thread ``sync_to_async`` shares, so a wait for another process's
+        computation blocks neither the event loop nor other sync code.
+        """
+        return await sync_to_async(
+            self.get_or_set_stampede_safe, thread_sensitive=False
+        )(
+            key,
+            default,
+            timeout,
+            soft_timeout=soft_timeout,
+            stale_if_error=stale_if_error,
+            version=version,
+        )
+
+    async def aget_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> Any:
+        """Django's ``aget_or_set``, on the stampede-safe path on every Django.
+
+        Django 5.2 builds it from ``aget`` and ``aadd``, which would bypass
+        the lease entirely.
+        """
+        return await self.aget_or_set_stampede_safe(
+            key, default, timeout, version=version
+        )

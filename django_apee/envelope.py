@@ -29,7 +29,7 @@ Wire format, version 1
                   bit  4    META present
                   bits 5-7  reserved, must be 0
     if META     1 byte n (0..255), then n bytes: a msgpack array of
-                non-negative ints [soft_ms, hard_ms, grace_ms, delta_ms].
+                non-negative ints [soft_ms, hard_ms, grace_ms, delta_ms, seed].
                 Readers take the fields they know, ignore extra trailing
                 fields (so a later writer may append fields without a version
                 bump) and default missing ones to 0; n == 0 means "all 0".
@@ -286,6 +286,10 @@ class Meta(NamedTuple):
     hard_ms: int = 0
     grace_ms: int = 0
     delta_ms: int = 0
+    #: A random draw in [1, 2**32) made when the entry was written; 0: none.
+    #: Readers use ``seed / 2**32`` as XFetch's ``rand``, so all of them agree
+    #: on when an entry's early refresh is due, whatever the read rate.
+    seed: int = 0
 
 
 class Decoded(NamedTuple):
@@ -1143,7 +1147,7 @@ def _unpack_meta(raw: bytes) -> Meta:
         raise DecodeError("corrupt", f"metadata is not msgpack: {exc}") from None
     if type(fields) is not list:
         raise DecodeError("corrupt", "metadata is not an array")
-    known = fields[:4]
+    known = fields[: len(Meta._fields)]
     for field in known:
         if type(field) is not int or field < 0:
             raise DecodeError(

@@ -11,7 +11,9 @@ import functools
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from redis.client import Pipeline
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -27,5 +29,15 @@ def script(name: str) -> Script:
 
 
 def run(client: Redis, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-    """Run script ``name`` on ``client`` (a Redis client or a pipeline)."""
-    return script(name)(keys=keys, args=args, client=client)
+    """Run script ``name`` on ``client`` (a Redis client or a pipeline).
+
+    A plain client gets EVALSHA directly (the hit path runs a script on every
+    read); after NOSCRIPT, ``Script`` loads the script and runs it again.
+    """
+    found = script(name)
+    if isinstance(client, Pipeline):
+        return found(keys=keys, args=args, client=client)
+    try:
+        return client.evalsha(found.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return found(keys=keys, args=args, client=client)

@@ -481,7 +481,7 @@ def with_meta(meta_bytes: bytes, payload: bytes = b"\xa1x") -> bytes:
 
 def test_meta_extra_trailing_fields_are_ignored() -> None:
     data = with_meta(msgpack.packb([1, 2, 3, 4, 5, "future", [6]]))
-    assert make().decode(data) == Decoded("x", Meta(1, 2, 3, 4))
+    assert make().decode(data) == Decoded("x", Meta(1, 2, 3, 4, 5))
 
 
 def test_meta_missing_fields_default_to_zero() -> None:
@@ -1096,7 +1096,7 @@ pickle_only = st.one_of(
         ["zstd", "zlib", "none"] + (["lz4"] if lz4_frame else [])
     ),
     threshold=st.sampled_from([0, 16, 1024]),
-    meta=st.none() | st.builds(Meta, *[st.integers(0, 2**64 - 1)] * 4),
+    meta=st.none() | st.builds(Meta, *[st.integers(0, 2**64 - 1)] * 5),
 )
 def test_property_roundtrip(
     value: Any, compressor: str, threshold: int, meta: Meta | None
@@ -1138,7 +1138,7 @@ def _decode_or_decode_error(envelope: Envelope, data: bytes) -> None:
 @given(
     value=st.one_of(values, pickle_only),
     envelope=st.sampled_from(FUZZ_ENVELOPES),
-    meta=st.none() | st.builds(Meta, *[st.integers(0, 2**40)] * 4),
+    meta=st.none() | st.builds(Meta, *[st.integers(0, 2**40)] * 5),
     noise=st.binary(max_size=64),
     data=st.data(),
 )

@@ -1001,3 +1001,32 @@ def test_add_replaces_an_entry_past_hard_but_kept_for_grace(make_cache, raw_redi
     write_entry(cache, raw_redis, "c", "live", Meta(800, 1000, 30_000, 5), px=30_500)
     assert cache.add("c", "new") is False  # inside hard: present
     assert cache.get("c") == "live"
+
+
+def test_aget_or_set_takes_the_stampede_path_without_blocking_the_loop(make_cache):
+    import asyncio
+
+    _, cache = make_cache()
+    compute = Compute("async", sleep=0.3)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    async def main() -> list[Any]:
+        task = asyncio.ensure_future(ticker())
+        try:
+            calls = [
+                cache.aget_or_set_stampede_safe("ak", compute, 10) for _ in range(20)
+            ]
+            calls.append(cache.aget_or_set("ak", compute, 10))
+            return await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
+        finally:
+            task.cancel()
+
+    assert asyncio.run(main()) == ["async"] * 21
+    assert compute.calls == 1
+    assert ticks >= 10  # the loop kept running during the 0.3 s compute
