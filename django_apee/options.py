@@ -152,7 +152,7 @@ def _policy(options: dict[str, Any]) -> Policy:
             default_lease_ms=int(_number(options, "LEASE_TIMEOUT", 5.0, 0.001) * 1000),
             min_lease_ms=int(_number(options, "LEASE_MIN", 0.5, 0.001) * 1000),
             max_lease_ms=int(_number(options, "LEASE_MAX", 60.0, 0.001) * 1000),
-            soft_ratio=_number(options, "SOFT_TIMEOUT_RATIO", 0.9, 0.001),
+            soft_ratio=_number(options, "SOFT_TIMEOUT_RATIO", 0.95, 0.001),
         )
     except ValueError as error:
         raise ImproperlyConfigured(f"CACHES OPTIONS: {error}") from error

@@ -118,9 +118,9 @@ def test_explicit_soft_out_of_range(hard: int, soft: int) -> None:
 
 
 def test_soft_rule() -> None:
-    assert soft_timeout_ms(300_000, None, POLICY) == 270_000
+    assert soft_timeout_ms(300_000, None, POLICY) == 285_000
     assert soft_timeout_ms(10, None, POLICY) == 9
-    assert soft_timeout_ms(1, None, POLICY) == 1  # floor(0.9) would be 0
+    assert soft_timeout_ms(1, None, POLICY) == 1  # floor(0.95) would be 0
     assert soft_timeout_ms(0, None, POLICY) == 0  # persistent: no soft either
     assert soft_timeout_ms(1000, None, Policy(soft_ratio=1.0)) == 1000
     assert soft_timeout_ms(1000, None, Policy(soft_ratio=0.5)) == 500
@@ -215,9 +215,9 @@ def test_state_soft_equals_hard(age: int, expected: State) -> None:
 
 def test_state_soft_missing_uses_rule() -> None:
     meta = Meta(soft_ms=0, hard_ms=1000, grace_ms=0, delta_ms=0)
-    assert state_at(meta, 899) is State.FRESH
-    assert state_at(meta, 900) is State.STALE
-    assert state_at(meta, 900, policy=Policy(soft_ratio=1.0)) is State.FRESH
+    assert state_at(meta, 949) is State.FRESH
+    assert state_at(meta, 950) is State.STALE
+    assert state_at(meta, 950, policy=Policy(soft_ratio=1.0)) is State.FRESH
 
 
 def test_state_soft_above_hard_is_clamped() -> None:
