@@ -23,6 +23,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,39 @@ logger = logging.getLogger("django_apee")
 # value key. One channel for all keys keeps one subscription per process;
 # computes are rare by design, so every process seeing every wake-up costs
 # little.
+
+
+class ProcessThread:
+    """One daemon thread per process, started on first need.
+
+    Threads do not survive ``fork()``: a worker forked from a server that
+    had already started one (gunicorn ``--preload``) starts its own.
+    """
+
+    def __init__(
+        self,
+        target: Callable[[], None],
+        name: str,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        self._target = target
+        self._name = name
+        self._on_start = on_start
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def ensure(self) -> None:
+        """Start the thread unless it runs in this process; callers hold a lock."""
+        thread = self._thread
+        if thread is not None and thread.is_alive() and self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        if self._on_start is not None:
+            self._on_start()
+        self._thread = threading.Thread(
+            target=self._target, name=self._name, daemon=True
+        )
+        self._thread.start()
 
 
 @dataclass
@@ -114,14 +148,13 @@ class Renewer:
     def __init__(self) -> None:
         self._leases: dict[int, Lease] = {}
         self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._worker = ProcessThread(self._run, "django-apee-lease-renewer")
 
     def track(self, lease: Lease) -> None:
         interval = renew_every_ms(lease.lease_ms) / 1000
         lease.next_renewal = time.monotonic() + interval
         with self._cond:
-            self._ensure_thread()
+            self._worker.ensure()
             self._leases[id(lease)] = lease
             self._cond.notify()
 
@@ -132,19 +165,6 @@ class Renewer:
     def held(self) -> int:
         with self._cond:
             return len(self._leases)
-
-    def _ensure_thread(self) -> None:
-        # Threads do not survive fork(): a pre-forked worker starts its own.
-        if (
-            self._thread is None
-            or not self._thread.is_alive()
-            or self._pid != os.getpid()
-        ):
-            self._pid = os.getpid()
-            self._thread = threading.Thread(
-                target=self._run, name="django-apee-lease-renewer", daemon=True
-            )
-            self._thread.start()
 
     def _run(self) -> None:
         while True:
@@ -200,14 +220,15 @@ class WakeHub:
         self._connect = connect
         self._waiting: dict[str, set[threading.Event]] = {}
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
         self.subscribed = threading.Event()
+        self._worker = ProcessThread(
+            self._run, "django-apee-wake", on_start=self.subscribed.clear
+        )
 
     def expect(self, value_key: str) -> threading.Event:
         event = threading.Event()
         with self._lock:
-            self._ensure_thread()
+            self._worker.ensure()
             self._waiting.setdefault(value_key, set()).add(event)
         return event
 
@@ -222,19 +243,6 @@ class WakeHub:
     def waiting(self) -> int:
         with self._lock:
             return sum(len(events) for events in self._waiting.values())
-
-    def _ensure_thread(self) -> None:
-        if (
-            self._thread is None
-            or not self._thread.is_alive()
-            or self._pid != os.getpid()
-        ):
-            self._pid = os.getpid()
-            self.subscribed.clear()
-            self._thread = threading.Thread(
-                target=self._run, name="django-apee-wake", daemon=True
-            )
-            self._thread.start()
 
     def _run(self) -> None:
         backoff = 0.05
