@@ -683,6 +683,7 @@ def test_hot_key_two_processes_one_compute_per_soft_window_nobody_waits(
             threads=8,
             compute_s=0.05,
             timeout=timeout,
+            soft_timeout=soft,
             loop_s=run_s,
             pause_s=0.002,
             answer="hot",
@@ -698,7 +699,7 @@ def test_hot_key_two_processes_one_compute_per_soft_window_nobody_waits(
             time.sleep(0.05)
             return {"answer": "hot", "n": number, "pid": os.getpid(), "at": time.time()}
 
-        get_or_set_stampede_safe(key, warm, timeout, cache=parent)
+        get_or_set_stampede_safe(key, warm, timeout, soft_timeout=soft, cache=parent)
     for worker in workers:
         worker.go()
     outcomes = [worker.result(timeout=run_s + 30) for worker in workers]
