@@ -104,6 +104,20 @@ def make_spec(
     return Spec(hard_ms, policy.soft_timeout_ms(hard_ms, soft_ms, rules), grace_ms)
 
 
+@dataclass
+class Call:
+    """One ``get_or_set_stampede_safe`` call, as it travels through its steps."""
+
+    backend: ApeeCache
+    made: str
+    compute: Callable[[], Any]
+    spec: Spec
+    client: Redis | None = None
+    #: The metadata and PTTL read on the hit path (None / -2: nothing read).
+    previous: Meta | None = None
+    read_pttl: int = -2
+
+
 class Coordinator:
     """What the threads of one process share for one cache alias."""
 
@@ -135,93 +149,58 @@ class Coordinator:
 
     # -- the call -------------------------------------------------------------
 
-    def get_or_set(
-        self, backend: ApeeCache, made: str, compute: Callable[[], Any], spec: Spec
-    ) -> Any:
+    def get_or_set(self, call: Call) -> Any:
         if not self.breaker.allow():
-            return self._local(made, compute, reason="circuit_open")
+            return self._local(call, reason="circuit_open")
         try:
-            client = backend.client.get_client(write=True)
-            raw, pttl = lease.read(client, made)
+            call.client = client = call.backend.client.get_client(write=True)
+            raw, call.read_pttl = lease.read(client, call.made)
         except REDIS_ERRORS:
             self._redis_failed()
-            return self._local(made, compute, reason="redis_error")
+            return self._local(call, reason="redis_error")
         self.breaker.success()
         stale = _MISSING
-        previous: Meta | None = None
         if raw is not None:
-            decoded = backend.client.decode_entry(raw)
+            decoded = call.backend.client.decode_entry(raw)
             if decoded is not None:
-                value, previous = decoded
+                value, call.previous = decoded
                 state = policy.state(
-                    previous, pttl, policy=self.policy, rand=xfetch_rand(previous)
+                    call.previous,
+                    call.read_pttl,
+                    policy=self.policy,
+                    rand=xfetch_rand(call.previous),
                 )
                 if state.servable:
-                    return self._serve(
-                        backend,
-                        client,
-                        made,
-                        compute,
-                        spec,
-                        value,
-                        state,
-                        previous,
-                        pttl,
-                    )
+                    return self._serve(call, value, state)
                 if state is policy.State.GRACE:
                     stale = value
         self._misses.inc()
-        return self._coalesced(
-            made,
-            lambda: self._fill(backend, client, made, compute, spec, stale, previous),
-        )
+        return self._coalesced(call.made, lambda: self._fill(call, stale))
 
-    def _serve(
-        self,
-        backend: ApeeCache,
-        client: Redis,
-        made: str,
-        compute: Callable[[], Any],
-        spec: Spec,
-        value: Any,
-        state: policy.State,
-        previous: Meta | None,
-        pttl: int,
-    ) -> Any:
+    def _serve(self, call: Call, value: Any, state: policy.State) -> Any:
         self._hits.inc()
         if state is policy.State.FRESH:
             return value
         if state is policy.State.STALE:
             self._stale_served.inc()
-        refreshed = self._refresh(
-            backend, client, made, compute, spec, state, previous, pttl
-        )
+        refreshed = self._refresh(call, state)
         return value if refreshed is _MISSING else refreshed
 
     # -- refresh while a value is servable ------------------------------------
 
-    def _refresh(
-        self,
-        backend: ApeeCache,
-        client: Redis,
-        made: str,
-        compute: Callable[[], Any],
-        spec: Spec,
-        state: policy.State,
-        previous: Meta | None,
-        read_pttl: int,
-    ) -> Any:
+    def _refresh(self, call: Call, state: policy.State) -> Any:
         """Refresh ``made`` if this caller wins its lease; never wait for it.
 
         Returns the new value when refreshed inline, else ``_MISSING``.
         """
+        made, read_pttl = call.made, call.read_pttl
         now = time.monotonic()
         with self._lock:
             if made in self._refreshing or self._held_elsewhere.get(made, 0) > now:
                 return _MISSING  # this process, or another we know of, is on it
             self._refreshing.add(made)
         try:
-            attempt = lease.acquire(client, made, self._lease_ms(previous))
+            attempt = lease.acquire(_client(call), made, self._lease_ms(call.previous))
         except REDIS_ERRORS:
             self._forget_refresh(made)
             self._redis_failed()
@@ -242,7 +221,7 @@ class Coordinator:
             metrics.EARLY_REFRESHES.labels(cache=self.alias).inc()
         if self.refresh_mode == "inline":
             try:
-                return self._compute_and_store(backend, held, compute, spec, _MISSING)
+                return self._compute_and_store(call, held, _MISSING)
             finally:
                 self._forget_refresh(made)
         if not self._pool_slots.acquire(blocking=False):
@@ -250,20 +229,14 @@ class Coordinator:
             self._release_quietly(held)
             metrics.FALLBACKS.labels(cache=self.alias, reason="refresh_pool_full").inc()
             return _MISSING
-        self._pool.submit(self._background, backend, held, compute, spec)
+        self._pool.submit(self._background, call, held)
         return _MISSING
 
-    def _background(
-        self,
-        backend: ApeeCache,
-        held: lease.Lease,
-        compute: Callable[[], Any],
-        spec: Spec,
-    ) -> None:
+    def _background(self, call: Call, held: lease.Lease) -> None:
         from django.db import connections
 
         try:
-            self._compute_and_store(backend, held, compute, spec, _MISSING)
+            self._compute_and_store(call, held, _MISSING)
         except Exception:
             logger.warning(
                 "django_apee: background refresh of %s failed",
@@ -299,19 +272,11 @@ class Coordinator:
         except (SingleFlightTimeout, LeaderAborted) as error:
             raise _Fallback("wait_timeout") from error
 
-    def _fill(
-        self,
-        backend: ApeeCache,
-        client: Redis,
-        made: str,
-        compute: Callable[[], Any],
-        spec: Spec,
-        stale: Any,
-        previous: Meta | None,
-    ) -> Any:
+    def _fill(self, call: Call, stale: Any) -> Any:
         """Leader of this process: take the lease and compute, or wait for it."""
+        client, made = _client(call), call.made
         deadline = time.monotonic() + self.wait_timeout
-        lease_ms = self._lease_ms(previous)
+        lease_ms = self._lease_ms(call.previous)
         waited = 0.0
         woken = False
         while True:
@@ -324,19 +289,19 @@ class Coordinator:
                         # now-free lease only to release it and wake everyone
                         # again.
                         raw, pttl = lease.read(client, made)
-                        landed = self._servable(backend, raw, pttl)
+                        landed = self._servable(call.backend, raw, pttl)
                         if landed is not _MISSING:
                             self._observe_wait(waited)
                             return landed
                     attempt = lease.acquire(client, made, lease_ms)
                 except REDIS_ERRORS:
                     self._redis_failed()
-                    return self._compute_unstored(compute, "redis_error")
+                    return self._compute_unstored(call.compute, "redis_error")
                 # Look at the value first: a waiter woken by the holder's
                 # release finds the lease free *and* the value landed; taking
                 # the free lease and computing again would be a second compute
                 # for one expiry.
-                landed = self._servable(backend, attempt.raw, attempt.pttl_ms)
+                landed = self._servable(call.backend, attempt.raw, attempt.pttl_ms)
                 if landed is not _MISSING:
                     if attempt.lease is not None:
                         self._release_quietly(attempt.lease)
@@ -344,9 +309,7 @@ class Coordinator:
                     return landed
                 if attempt.lease is not None:
                     self._observe_wait(waited)
-                    return self._compute_and_store(
-                        backend, attempt.lease, compute, spec, stale
-                    )
+                    return self._compute_and_store(call, attempt.lease, stale)
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
                 if remaining_ms <= 0:
                     break
@@ -357,7 +320,7 @@ class Coordinator:
             finally:
                 self.hub.done(made, event)
         self._observe_wait(waited)
-        return self._compute_unstored(compute, "wait_timeout")
+        return self._compute_unstored(call.compute, "wait_timeout")
 
     def _servable(self, backend: ApeeCache, raw: bytes | None, pttl: int) -> Any:
         if raw is None:
@@ -371,18 +334,11 @@ class Coordinator:
 
     # -- computing -------------------------------------------------------------
 
-    def _compute_and_store(
-        self,
-        backend: ApeeCache,
-        held: lease.Lease,
-        compute: Callable[[], Any],
-        spec: Spec,
-        stale: Any,
-    ) -> Any:
+    def _compute_and_store(self, call: Call, held: lease.Lease, stale: Any) -> Any:
         lease.RENEWER.track(held)
         started = time.monotonic()
         try:
-            value = compute()
+            value = call.compute()
         except Exception:
             lease.RENEWER.untrack(held)
             self._release_quietly(held)  # free at once: the next caller retries
@@ -402,15 +358,15 @@ class Coordinator:
         metrics.COMPUTES.labels(cache=self.alias, outcome="ok").inc()
         metrics.COMPUTE_SECONDS.labels(cache=self.alias).observe(elapsed)
         try:
-            payload = backend.envelope.encode(
-                value, spec.meta(policy.measured_delta_ms(elapsed))
+            payload = call.backend.envelope.encode(
+                value, call.spec.meta(policy.measured_delta_ms(elapsed))
             )
         except Exception:
             self._release_quietly(held)
             raise
         assert isinstance(payload, bytes)  # values with meta are always enveloped
         try:
-            ours = lease.release(held, payload, spec.px)
+            ours = lease.release(held, payload, call.spec.px)
         except REDIS_ERRORS:
             self._redis_failed()
             return value
@@ -423,10 +379,10 @@ class Coordinator:
         metrics.FALLBACKS.labels(cache=self.alias, reason=reason).inc()
         return compute()
 
-    def _local(self, made: str, compute: Callable[[], Any], reason: str) -> Any:
+    def _local(self, call: Call, reason: str) -> Any:
         """Redis is away: compute here, coalesced with this process's threads."""
         metrics.FALLBACKS.labels(cache=self.alias, reason=reason).inc()
-        return self._coalesced(made, compute)
+        return self._coalesced(call.made, call.compute)
 
     def _release_quietly(self, held: lease.Lease) -> None:
         try:
@@ -445,6 +401,11 @@ class Coordinator:
     def _observe_wait(self, waited: float) -> None:
         if waited:
             metrics.LEASE_WAIT_SECONDS.labels(cache=self.alias).observe(waited)
+
+
+def _client(call: Call) -> Redis:
+    assert call.client is not None  # set by the hit path before any lease step
+    return call.client
 
 
 class _Fallback(Exception):
@@ -495,7 +456,7 @@ def get_or_set_stampede_safe(
     spec = make_spec(timeout, soft_timeout, stale_if_error, backend.apee.policy)
     shared = coordinator(backend)
     try:
-        return shared.get_or_set(backend, made, compute, spec)
+        return shared.get_or_set(Call(backend, made, compute, spec))
     except _Fallback as fallback:
         metrics.FALLBACKS.labels(cache=shared.alias, reason=fallback.reason).inc()
         return compute()
