@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import threading
 import time
@@ -229,7 +230,12 @@ class Coordinator:
             self._release_quietly(held)
             metrics.FALLBACKS.labels(cache=self.alias, reason="refresh_pool_full").inc()
             return _MISSING
-        self._pool.submit(self._background, call, held)
+        try:
+            self._pool.submit(self._background, call, held)
+        except RuntimeError:  # the interpreter is shutting down
+            self._pool_slots.release()
+            self._forget_refresh(made)
+            self._release_quietly(held)
         return _MISSING
 
     def _background(self, call: Call, held: lease.Lease) -> None:
@@ -416,7 +422,7 @@ class _Fallback(Exception):
         self.reason = reason
 
 
-_COORDINATORS: dict[tuple[str, str], Coordinator] = {}
+_COORDINATORS: dict[tuple[int, str, str], Coordinator] = {}
 _COORDINATORS_LOCK = threading.Lock()
 
 
@@ -426,7 +432,9 @@ def coordinator(backend: ApeeCache) -> Coordinator:
     Django builds a backend per thread; coalescing, the breaker and the
     refresh pool must be shared by all of them.
     """
-    key = (backend.alias, str(backend._server))
+    # Per process: a worker forked after its parent used the cache (gunicorn
+    # --preload) must not inherit the parent's pool threads, flights or locks.
+    key = (os.getpid(), backend.alias, str(backend._server))
     with _COORDINATORS_LOCK:
         found = _COORDINATORS.get(key)
         if found is None:

@@ -1030,3 +1030,34 @@ def test_aget_or_set_takes_the_stampede_path_without_blocking_the_loop(make_cach
     assert asyncio.run(main()) == ["async"] * 21
     assert compute.calls == 1
     assert ticks >= 10  # the loop kept running during the 0.3 s compute
+
+
+def test_a_forked_worker_refreshes_with_its_own_threads(make_cache, raw_redis):
+    """gunicorn --preload: the parent used the cache, then forked a worker."""
+    import os
+
+    _, cache = make_cache()
+    # The parent starts the refresh pool, the renewer and the wake hub.
+    write_entry(cache, raw_redis, "f1", "old", Meta(100, 60_000, 0, 5), px=59_000)
+    assert cache.get_or_set_stampede_safe("f1", Compute("new"), 60) == "old"
+    assert wait_for(lambda: cache.get("f1") == "new", timeout=3)
+    pid = os.fork()
+    if pid == 0:  # the worker: a stale read must be refreshed by its own pool
+        code = 1
+        try:
+            write_entry(
+                cache, raw_redis, "f2", "old", Meta(100, 60_000, 0, 5), px=59_000
+            )
+            cache.get_or_set_stampede_safe("f2", Compute("forked"), 60)
+            code = 0 if wait_for(lambda: cache.get("f2") == "forked", timeout=3) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked worker hung")
+        time.sleep(0.02)
+    assert os.waitstatus_to_exitcode(waited[1]) == 0
+    assert cache.get("f2") == "forked"
