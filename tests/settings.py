@@ -1,12 +1,31 @@
 """Django settings for the test suite.
 
 Reading it starts the session's private redis-server (or takes ``REDIS_URL``):
-Django loads settings before any conftest runs.
+Django loads settings before any conftest runs. The database is an SQLite
+file, not ``:memory:``, so that child processes (multi-process tests) see the
+tables and rows the test process made.
 """
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 from tests.redis_server import session_url
 
 REDIS_URL = session_url()
+
+
+def _database_path() -> str:
+    """One SQLite file per test session, shared with its child processes."""
+    path = os.environ.get("APEE_TEST_DB")
+    if not path:
+        directory = tempfile.mkdtemp(prefix="django-apee-tests-")
+        atexit.register(shutil.rmtree, directory, True)
+        path = os.environ["APEE_TEST_DB"] = os.path.join(directory, "db.sqlite3")
+    return path
+
 
 SECRET_KEY = "django-apee-tests-not-a-secret"
 USE_TZ = True
@@ -16,8 +35,26 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django_apee",
 ]
-DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": _database_path(),
+        "TEST": {"NAME": _database_path()},
+    }
+}
 CACHES = {
     "default": {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": REDIS_URL},
 }
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [Path(__file__).resolve().parent / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": ["django.template.context_processors.request"]
+        },
+    }
+]
+ROOT_URLCONF = "tests.urls"
+MIDDLEWARE: list[str] = []
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
