@@ -1,5 +1,13 @@
-"""URLs of the test suite's live-server tests."""
+"""URLs of the test suite's request-level tests (``tests/views.py``)."""
 
-from django.urls import URLPattern
+from django.urls import URLPattern, path
 
-urlpatterns: list[URLPattern] = []
+from tests import views
+
+urlpatterns: list[URLPattern] = [
+    path("async/report/", views.async_report),
+    path("whoami/", views.whoami),
+    path("page/apee/", views.apee_page),
+    path("page/plain/", views.plain_page),
+    path("page/rich/", views.rich_page),
+]
