@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -22,7 +23,7 @@ from django.conf import settings
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django_redis.cache import RedisCache, omit_exception
 
-from django_apee import metrics, stampede
+from django_apee import herd, metrics, stampede
 from django_apee.client import client_class
 from django_apee.envelope import DecodeError, Envelope
 from django_apee.options import ApeeOptions
@@ -60,6 +61,7 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
         self._client_cls = client_class(self.apee.client_class)
         self._envelope: Envelope | None = None
         self.legacy_reads = self.apee.legacy_reads
+        self._herd: tuple[int, herd.Herd] | None = None
 
     @property
     def envelope(self) -> Envelope:
@@ -74,6 +76,16 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
                 signing_keys=signing_keys() if self.apee.allow_pickle else (),
             )
         return self._envelope
+
+    @property
+    def herd(self) -> herd.Herd | None:
+        """This process's herd-mode state for the alias; None when switched off."""
+        if not (self.apee.herd or self.apee.cold_miss_wait):
+            return None
+        pid = os.getpid()
+        if self._herd is None or self._herd[0] != pid:
+            self._herd = (pid, herd.herd_for(self))
+        return self._herd[1]
 
     @property
     def alias(self) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import math
+import random
+import time
 from typing import TYPE_CHECKING, Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
@@ -19,12 +21,13 @@ from django.utils.module_loading import import_string
 from django_redis.client import DefaultClient
 from django_redis.exceptions import ConnectionInterrupted
 from django_redis.util import CacheKey
+from redis.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from django_apee import keys, scripts
-from django_apee.envelope import DecodeError, Meta, peek_meta
+from django_apee import keys, policy, scripts
+from django_apee.envelope import DecodeError, Meta, is_raw_int, peek_meta
 
 #: Pub/sub channel on which lease changes wake waiters (``lease.py``).
 WAKE_CHANNEL = "django_apee:wake"
@@ -35,9 +38,11 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from django_apee.cache import ApeeCache
+    from django_apee.herd import Herd, Won
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ResponseError, OSError)
-_MISSING = object()
+#: "No value here", where ``None`` is a value.
+MISSING: Any = object()
 
 
 def to_milliseconds(timeout: float) -> int:
@@ -56,12 +61,18 @@ class ApeeClientMixin:
 
     # -- bytes in, bytes out -------------------------------------------------
 
-    def encode(self, value: Any, *, allow_int: bool = True) -> bytes | int:
-        encoded = self._backend.envelope.encode(value)
-        if isinstance(encoded, int) and not allow_int:
-            # Sorted-set members must be bytes; an empty Meta forces them.
-            return self._backend.envelope.encode(value, Meta())
-        return encoded
+    def encode(
+        self, value: Any, *, allow_int: bool = True, meta: Meta | None = None
+    ) -> bytes | int:
+        """Bytes to store for ``value``, or the int itself (INCR works on it).
+
+        ``meta`` (timings) goes into the envelope; a bare int carries none.
+        Sorted-set members must be bytes (``allow_int=False``): an empty
+        Meta forces the envelope.
+        """
+        if is_raw_int(value):
+            return value if allow_int else self._backend.envelope.encode(value, Meta())
+        return self._backend.envelope.encode(value, meta)
 
     def decode(self, value: bytes | int | str) -> Any:
         """Decode stored bytes; a value nobody can read raises DecodeError.
@@ -88,7 +99,7 @@ class ApeeClientMixin:
         except DecodeError as error:
             if error.reason == "foreign" and self._backend.legacy_reads:
                 legacy = self._decode_legacy(value)
-                if legacy is not _MISSING:
+                if legacy is not MISSING:
                     return legacy, None
             self._backend.report_decode_error(error)
             raise
@@ -99,7 +110,7 @@ class ApeeClientMixin:
         try:
             return super().decode(value)  # type: ignore[misc]
         except Exception:  # any failure is a miss
-            return _MISSING
+            return MISSING
 
     # -- keys -----------------------------------------------------------------
 
@@ -124,9 +135,9 @@ class ApeeClientMixin:
     ) -> Any:
         """Return the value, or ``default`` when absent, unreadable or past hard.
 
-        An entry written with ``stale_if_error`` outlives its hard timeout in
-        Redis (by the grace); only such entries cost a second round trip, to
-        learn their age: plain ``get`` never serves past Django's timeout.
+        Herd mode (see ``herd.py``) may answer ``default`` for a value past
+        its soft timeout: to the one reader fleet-wide that won its lease and
+        is expected to ``set`` the next value.
         """
         return self.get_many([key], version=version, client=client).get(key, default)
 
@@ -136,48 +147,70 @@ class ApeeClientMixin:
         version: int | None = None,
         client: Redis | None = None,
     ) -> dict[Any, Any]:
+        """Read every key with its PTTL in one round trip (``lua/get.lua``).
+
+        The PTTL tells each entry's age: past its hard timeout it is a miss
+        (entries kept longer for ``stale_if_error`` outlive it in Redis),
+        past its soft timeout herd mode may make it a miss for one reader.
+        """
         if client is None:
             client = self.get_client(write=False)  # type: ignore[attr-defined]
         by_made_key = {self.make_key(key, version=version): key for key in keys}
         if not by_made_key:
             return {}
         try:
-            if len(by_made_key) == 1:
-                raw_values = [client.get(next(iter(by_made_key)))]
-            else:
-                raw_values = client.mget(list(by_made_key))
+            flat = scripts.run(client, "get", keys=list(by_made_key), args=[])
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
         found: dict[Any, Any] = {}
-        graced: dict[CacheKey, Meta] = {}
-        for made_key, raw in zip(by_made_key, raw_values, strict=True):
-            entry = None if raw is None else self.decode_entry(raw)
+        absent: list[tuple[str, Any]] = []
+        herd = self._backend.herd
+        policy_ = self._backend.apee.policy
+        for index, (made_key, key) in enumerate(by_made_key.items()):
+            raw, pttl = flat[2 * index], int(flat[2 * index + 1])
+            if not raw:
+                absent.append((made_key, key))
+                continue
+            entry = self.decode_entry(raw)
             if entry is None:
                 continue
-            found[by_made_key[made_key]] = entry[0]
-            if entry[1] is not None and entry[1].grace_ms:
-                graced[made_key] = entry[1]
-        if graced:
-            self._drop_past_hard(client, graced, by_made_key, found)
+            value, meta = entry
+            if meta is None:
+                found[key] = value
+                continue
+            state = policy.state(
+                meta,
+                pttl,
+                policy=policy_,
+                rand=policy.xfetch_rand(meta, random.random()),
+            )
+            if not state.servable:
+                continue
+            if (
+                state is not policy.State.FRESH
+                and herd is not None
+                and herd.stale
+                and not herd.excluded(key)
+                and herd.contend(client, made_key, raw, meta, pttl)
+            ):
+                continue
+            found[key] = value
+        if absent and herd is not None and herd.cold_miss_wait:
+            landed = herd.wait_for(client, absent, self._servable)
+            for made_key, value in landed.items():
+                found[by_made_key[made_key]] = value
         return found
 
-    @staticmethod
-    def _drop_past_hard(
-        client: Redis,
-        graced: dict[CacheKey, Meta],
-        by_made_key: dict[CacheKey, Any],
-        found: dict[Any, Any],
-    ) -> None:
-        try:
-            pipeline = client.pipeline(transaction=False)
-            for made_key in graced:
-                pipeline.pttl(made_key)
-            pttls = pipeline.execute()
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
-        for (made_key, meta), pttl in zip(graced.items(), pttls, strict=True):
-            if 0 <= pttl <= meta.grace_ms:
-                del found[by_made_key[made_key]]
+    def _servable(self, raw: bytes | None, pttl: int) -> Any:
+        """What ``get`` would return for ``raw`` read with ``pttl``, or MISSING."""
+        if raw is None:
+            return MISSING
+        entry = self.decode_entry(raw)
+        if entry is None:
+            return MISSING
+        value, meta = entry
+        state = policy.state(meta, pttl, policy=self._backend.apee.policy, rand=0.0)
+        return value if state.servable else MISSING
 
     def set(
         self,
@@ -200,10 +233,15 @@ class ApeeClientMixin:
         if timeout is not None and timeout <= 0:
             return self._expire_now(key, version, client, nx=nx, xx=xx)
         made = self.make_key(key, version=version)
-        encoded = self.encode(value)
         px = None if timeout is None else to_milliseconds(timeout)
         if client is None:
             client = self.get_client(write=True)  # type: ignore[attr-defined]
+        herd = self._backend.herd
+        if herd is not None and (won := herd.claim(made)) is not None:
+            return self._herd_set(client, made, value, px, herd, won)
+        # The hard timeout lets readers tell the entry's age from its PTTL;
+        # the soft one is the reader's rule (SOFT_TIMEOUT_RATIO), not stored.
+        encoded = self.encode(value, meta=Meta(hard_ms=px) if px else None)
         mode = "NX" if nx else "XX" if xx else ""
         try:
             stored = scripts.run(
@@ -216,12 +254,60 @@ class ApeeClientMixin:
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
 
+    def _herd_set(
+        self,
+        client: Redis,
+        made: CacheKey,
+        value: Any,
+        px: int | None,
+        herd: Herd,
+        won: Won,
+    ) -> bool:
+        """The write of a reader that won ``made``'s lease from a get: fenced.
+
+        ``add`` and ``set`` alike: that reader was told the key was absent.
+        The time since it won is the compute time XFetch and leases learn.
+        """
+        meta = Meta(
+            hard_ms=px or 0,
+            delta_ms=won.delta_ms(time.monotonic()),
+            seed=random.randrange(1, policy.SEED_RANGE),
+        )
+        try:
+            encoded = self.encode(value, meta=meta)
+        except Exception:
+            herd.release_quietly(won.lease)
+            raise
+        try:
+            stored = scripts.run(
+                client,
+                "herd_set",
+                keys=[made, won.lease.lease_key],
+                args=[
+                    won.lease.token,
+                    won.fingerprint,
+                    encoded,
+                    "" if px is None else px,
+                    WAKE_CHANNEL,
+                ],
+            )
+        except REDIS_ERRORS as error:
+            raise ConnectionInterrupted(connection=client) from error
+        if isinstance(client, Pipeline):
+            return True  # set_many: the pipeline answers later
+        if not stored:
+            herd.lost()
+        return bool(stored)
+
     def _expire_now(
         self, key: Any, version: int | None, client: Redis | None, *, nx: bool, xx: bool
     ) -> bool:
         made = self.make_key(key, version=version)
         if client is None:
             client = self.get_client(write=True)  # type: ignore[attr-defined]
+        herd = self._backend.herd
+        if herd is not None and (won := herd.claim(made)) is not None:
+            herd.release_quietly(won.lease)  # the write that would end it is none
         try:
             if nx:
                 # add() with timeout 0: true when the key was absent; store nothing.

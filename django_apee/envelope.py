@@ -159,7 +159,7 @@ from gc import get_referents as _get_referents
 from itertools import compress
 from struct import Struct
 from struct import error as struct_error
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -806,6 +806,11 @@ class _CompressorState(threading.local):
         self.zstd_compressor: Any = None
 
 
+def is_raw_int(value: Any) -> TypeGuard[int]:
+    """Whether ``value`` is stored as a bare int (so INCRBY works on it)."""
+    return type(value) is int and _INT64_MIN <= value <= _INT64_MAX
+
+
 class Envelope:
     """Encodes values to the stored bytes and back; one per cache alias.
 
@@ -948,7 +953,7 @@ class Envelope:
         With ``codec="pickle"`` every value is signed pickle.
         """
         if meta is None:
-            if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
+            if is_raw_int(value):
                 return value
             packed_meta = b""
         else:

@@ -81,6 +81,12 @@ REDIS_ERRORS = Counter(
     "Redis errors met on the stampede path.",
     ["cache"],
 )
+HERD_MISSES = Counter(
+    "apee_cache_herd_misses",
+    "Plain gets answered with a miss because the caller won the lease to "
+    "write the next value (herd mode).",
+    ["cache"],
+)
 SERIALIZATION_ERRORS = Counter(
     "apee_cache_serialization_errors",
     "Stored values that could not be read and were treated as a miss, by reason.",

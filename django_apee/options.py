@@ -22,6 +22,16 @@ REFRESH_MODES = ("background", "inline")
 #: Socket timeouts applied when the user sets none. redis-py waits forever by
 #: default, so a frozen Redis would freeze every request; these bound each
 #: command. Set either to ``None`` explicitly to get redis-py's behaviour back.
+#: Keys (Django's, before KEY_PREFIX and version) that never get a herd miss:
+#: the cache is the only copy of a session, so an early miss would log the
+#: user out; a page's cache-header key is rewritten with the page it
+#: describes, so a miss on it would only render the page a second time.
+HERD_EXCLUDE_DEFAULT = (
+    "django.contrib.sessions.cache",
+    "django.contrib.sessions.cached_db",
+    "views.decorators.cache.cache_header.",
+)
+
 DEFAULT_SOCKET_CONNECT_TIMEOUT = 1.0
 DEFAULT_SOCKET_TIMEOUT = 2.0
 
@@ -68,6 +78,9 @@ class ApeeOptions:
     refresh_workers: int
     breaker_threshold: int
     breaker_cooldown: float
+    herd: bool
+    herd_exclude: tuple[str, ...]
+    cold_miss_wait: float
 
     @classmethod
     def from_params(cls, options: dict[str, Any]) -> ApeeOptions:
@@ -130,7 +143,22 @@ class ApeeOptions:
             refresh_workers=int(_number(options, "REFRESH_WORKERS", 4, 1)),
             breaker_threshold=int(_number(options, "BREAKER_THRESHOLD", 3, 1)),
             breaker_cooldown=_number(options, "BREAKER_COOLDOWN", 1.0, 0.001),
+            herd=_flag(options, "HERD", True),
+            herd_exclude=HERD_EXCLUDE_DEFAULT + _prefixes(options, "HERD_EXCLUDE"),
+            cold_miss_wait=_number(options, "COLD_MISS_WAIT", 0.0, 0),
         )
+
+
+def _prefixes(options: dict[str, Any], name: str) -> tuple[str, ...]:
+    value = options.get(name, ())
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(prefix, str) for prefix in value
+    ):
+        raise ImproperlyConfigured(
+            f"CACHES OPTIONS[{name!r}] must be a list of key prefixes (str), "
+            f"got {value!r}."
+        )
+    return tuple(value)
 
 
 def _choice(

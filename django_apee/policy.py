@@ -363,6 +363,29 @@ def xfetch_probability(delta_ms: int, time_left_to_soft_ms: int, beta: float) ->
     return math.exp(-time_left_to_soft_ms / scale)
 
 
+#: Entries store their XFetch draw as an int in [1, SEED_RANGE); 0 means none.
+SEED_RANGE = 2**32
+
+
+def xfetch_rand(meta: Meta | None, draw: float) -> float:
+    """XFetch's ``rand`` for a read of an entry: its stored draw, else ``draw``.
+
+    XFetch as published draws anew on every read, so the more reads, the
+    earlier the first one fires: with thousands of reads a second a hot key
+    is recomputed several compute-times early, every time (we measured 1.5
+    computes per timeout window). A lease already makes sure only one caller
+    recomputes, so the per-read draw buys nothing; one draw per entry, made
+    when it is written, keeps XFetch's spread across entries (those written
+    together do not all refresh together) with an early margin of
+    ``delta * beta * -ln(1 - rand)`` that no longer grows with the read rate.
+    Entries without a draw (written by hand, or by a plain ``set`` whose
+    compute time nobody measured) use ``draw``, the caller's fresh draw.
+    """
+    if meta is not None and meta.seed:
+        return meta.seed / SEED_RANGE
+    return draw
+
+
 def measured_delta_ms(elapsed_s: float) -> int:
     """The delta to store for a compute that took ``elapsed_s`` seconds.
 

@@ -48,25 +48,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("django_apee")
 
 _MISSING: Any = object()
-_SEED_RANGE = 2**32
-
-
-def xfetch_rand(meta: Meta | None) -> float:
-    """XFetch's ``rand`` for a read of an entry: its stored draw if it has one.
-
-    XFetch as published draws anew on every read, so the more reads, the
-    earlier the first one fires: with thousands of reads a second a hot key
-    is recomputed several compute-times early, every time (we measured 1.5
-    computes per timeout window). A lease already makes sure only one caller
-    recomputes, so the per-read draw buys nothing; one draw per entry, made
-    when it is written, keeps XFetch's spread across entries (those written
-    together do not all refresh together) with an early margin of
-    ``delta * beta * -ln(1 - rand)`` that no longer grows with the read rate. Entries
-    without a draw (written by hand or by plain ``set``) draw per read.
-    """
-    if meta is not None and meta.seed:
-        return meta.seed / _SEED_RANGE
-    return random.random()
 
 
 @dataclass(frozen=True)
@@ -82,7 +63,7 @@ class Spec:
         return self.hard_ms + self.grace_ms if self.hard_ms else None
 
     def meta(self, delta_ms: int) -> Meta:
-        seed = random.randrange(1, _SEED_RANGE)
+        seed = random.randrange(1, policy.SEED_RANGE)
         return Meta(self.soft_ms, self.hard_ms, self.grace_ms, delta_ms, seed)
 
 
@@ -169,7 +150,7 @@ class Coordinator:
                     call.previous,
                     call.read_pttl,
                     policy=self.policy,
-                    rand=xfetch_rand(call.previous),
+                    rand=policy.xfetch_rand(call.previous, random.random()),
                 )
                 if state.servable:
                     return self._serve(call, value, state)
