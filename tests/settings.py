@@ -56,5 +56,7 @@ TEMPLATES = [
     }
 ]
 ROOT_URLCONF = "tests.urls"
+#: The live server wraps the site in a static-files handler, which needs it.
+STATIC_URL = "/static/"
 MIDDLEWARE: list[str] = []
 DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
