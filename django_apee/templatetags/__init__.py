@@ -1,0 +1,1 @@
+"""Template libraries of django-apee: ``{% load apee %}``."""
