@@ -186,8 +186,13 @@ class ApeeClientMixin:
             )
             if not state.servable:
                 continue
+            # Entries get_or_set_stampede_safe wrote (they store their soft
+            # timeout) are refreshed by its callers, in the background: a
+            # plain get serves them up to their timeout. Herd mode is for
+            # what plain set wrote.
             if (
                 state is not policy.State.FRESH
+                and meta.soft_ms == 0
                 and herd is not None
                 and herd.stale
                 and not herd.excluded(key)

@@ -9,11 +9,13 @@ lease without changing a line of it:
   envelope (and the soft timeout rule applies: ``SOFT_TIMEOUT_RATIO`` of it,
   0.95 by default). Readers learn the entry's age from its PTTL, read in the
   same round trip as the value.
-* Once an entry is past its soft timeout (or early, by XFetch, when its
-  compute time is known), the reader that wins its lease gets a *miss*, and
+* Once an entry that ``set`` wrote is past its soft timeout (or early, by
+  XFetch, when its compute time is known), the reader that wins its lease
+  gets a *miss*, and
   recomputes and ``set``\\ s it as it always did; every other reader, in
   every process, keeps getting the value. Nothing is served past Django's
-  timeout.
+  timeout. (Entries ``get_or_set_stampede_safe`` wrote are refreshed by its
+  own callers; a plain ``get`` serves them and leaves their lease alone.)
 * The winner's ``set`` (or ``add``) is the fenced write that frees the lease
   (``lua/herd_set.lua``), and the time from winning to writing is stored as
   the entry's compute time (Δ), so XFetch and the lease length adapt.
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django_apee import lease, metrics, policy
-from django_apee.client import REDIS_ERRORS
+from django_apee.client import MISSING, REDIS_ERRORS
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -57,8 +59,6 @@ CLAIM_WINDOW_S = 60.0
 #: waiting for a write that is not coming.
 ABSENT_MEMORY_S = 60.0
 _MEMO_LIMIT = 10_000
-
-MISSING: Any = object()
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,9 @@ class Herd:
             str(backend._server), lambda: backend.client.get_client(write=True)
         )
         self._won: dict[str, Won] = {}
-        self._held_elsewhere: dict[str, float] = {}
+        #: made key -> (until, identity of the entry then): another process
+        #: holds its lease, so stale reads here skip the acquire round trip.
+        self._held_elsewhere: dict[str, tuple[float, int]] = {}
         self._absent: dict[str, float] = {}
         self._lock = threading.Lock()
         self._herd_misses = metrics.HERD_MISSES.labels(cache=self.alias)
@@ -110,11 +112,15 @@ class Herd:
         one reader that will write the next value.
         """
         now = time.monotonic()
+        # Which write of the entry this is: a memo about another holder's
+        # lease is about the entry as it was, not about its successor.
+        identity = hash(raw)
         with self._lock:
             won = self._won.get(made)
             if won is not None and now < won.started + won.lease.lease_ms / 1000:
                 return False
-            if self._held_elsewhere.get(made, 0.0) > now:
+            held = self._held_elsewhere.get(made)
+            if held is not None and held[0] > now and held[1] == identity:
                 return False
         try:
             attempt = lease.acquire(
@@ -124,7 +130,13 @@ class Herd:
             metrics.REDIS_ERRORS.labels(cache=self.alias).inc()
             return False
         if attempt.lease is None:
-            self._remember(self._held_elsewhere, made, attempt.lease_pttl_ms / 1000)
+            if attempt.lease_pttl_ms > 0:
+                with self._lock:
+                    self._held_elsewhere[made] = (
+                        now + attempt.lease_pttl_ms / 1000,
+                        identity,
+                    )
+                    _bound(self._held_elsewhere, lambda held: held[0] > now)
             return False
         if attempt.raw != raw or attempt.pttl_ms > read_pttl:
             # Rewritten between our read and the acquire: its writer just
@@ -189,7 +201,7 @@ class Herd:
                         if waited:
                             # The lease we waited on ran out with nothing
                             # written: the key is probably absent by design.
-                            self._remember(self._absent, made, ABSENT_MEMORY_S)
+                            self._remember_absent(made)
                         self._record(Won(attempt.lease, time.monotonic(), ""))
                         return MISSING
                     remaining_ms = int((deadline - time.monotonic()) * 1000)
@@ -233,27 +245,30 @@ class Herd:
 
     def _record(self, won: Won) -> None:
         self._herd_misses.inc()
-        with self._lock:
-            if len(self._won) >= _MEMO_LIMIT:
-                now = time.monotonic()
-                self._won = {
-                    k: w
-                    for k, w in self._won.items()
-                    if now < w.started + CLAIM_WINDOW_S
-                }
-            self._won[won.lease.value_key] = won
-
-    def _remember(self, memo: dict[str, float], made: str, seconds: float) -> None:
-        if seconds <= 0:
-            return
         now = time.monotonic()
         with self._lock:
-            if len(memo) >= _MEMO_LIMIT:
-                for key in [k for k, until in memo.items() if until <= now]:
-                    del memo[key]
-                if len(memo) >= _MEMO_LIMIT:
-                    memo.clear()  # all live: forgetting costs a round trip each
-            memo[made] = now + seconds
+            self._won[won.lease.value_key] = won
+            _bound(self._won, lambda w: now < w.started + CLAIM_WINDOW_S)
+
+    def _remember_absent(self, made: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._absent[made] = now + ABSENT_MEMORY_S
+            _bound(self._absent, lambda until: until > now)
+
+
+def _bound(memo: dict[str, Any], live: Callable[[Any], bool]) -> None:
+    """Keep a per-process memo from growing without end (callers hold the lock).
+
+    Past the limit, entries that are no longer ``live`` go; if all are, all
+    go: forgetting costs a round trip each, never correctness.
+    """
+    if len(memo) <= _MEMO_LIMIT:
+        return
+    for key in [key for key, entry in memo.items() if not live(entry)]:
+        del memo[key]
+    if len(memo) > _MEMO_LIMIT:
+        memo.clear()
 
 
 _HERDS: dict[tuple[int, str, str], Herd] = {}

@@ -236,12 +236,21 @@ def _effective_soft_ms(meta: Meta, policy: Policy) -> int:
     """The soft timeout a reader uses: the stored one, repaired if absent.
 
     A stored 0 means the writer recorded none (the envelope's default for a
-    missing field), so the rule applies. A stored soft above hard never comes
-    from this package's writers; it is read as "no stale window", the
+    missing field, and what plain ``set`` stores), so the rule applies --
+    with room for the compute when its duration is known: the stale window
+    is at least ``lease_factor * delta`` (as long as a lease covers without
+    renewal) but never more than half the timeout. A window shorter than the
+    compute would let the entry expire while its one refresher still works,
+    and every reader in that gap would miss. A stored soft above hard never
+    comes from this package's writers; it is read as "no stale window", the
     closest thing to what it says that keeps the hard promise.
     """
     if meta.soft_ms == 0:
-        return soft_timeout_ms(meta.hard_ms, None, policy)
+        soft = soft_timeout_ms(meta.hard_ms, None, policy)
+        if meta.delta_ms:
+            room = math.ceil(meta.delta_ms * policy.lease_factor)
+            soft = min(soft, max(meta.hard_ms // 2, meta.hard_ms - room))
+        return max(1, soft) if meta.hard_ms else soft
     return min(meta.soft_ms, meta.hard_ms)
 
 

@@ -2,16 +2,25 @@
 
 ``tests/settings.py`` starts the server (or takes ``REDIS_URL``); here each
 test gets an empty database, and fault tests get the process itself.
+``make_cache`` gives a test ApeeCache aliases of its own: coordinators,
+breakers and herd state are per alias and process, so sharing an alias
+would share them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
 
 import pytest
 import redis
 from django.conf import settings
+from django.core.cache import caches
+from django.test import override_settings
 
+from django_apee.cache import ApeeCache
 from tests.redis_server import RedisServer, session_server
 
 
@@ -46,3 +55,30 @@ def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture(autouse=True)
 def _empty_redis(raw_redis: redis.Redis) -> None:
     raw_redis.flushdb()
+
+
+_aliases = itertools.count()
+Made = Callable[..., tuple[str, ApeeCache]]
+
+
+@pytest.fixture
+def make_cache(redis_url: str) -> Iterator[Made]:
+    """``make_cache(**OPTIONS) -> (alias, caches[alias])`` with a fresh alias."""
+    with ExitStack() as stack:
+
+        def make(location: str | None = None, **options: Any) -> tuple[str, ApeeCache]:
+            alias = f"apee-test-{next(_aliases)}"
+            config = {
+                **settings.CACHES,
+                alias: {
+                    "BACKEND": "django_apee.cache.ApeeCache",
+                    "LOCATION": location or redis_url,
+                    "OPTIONS": options,
+                },
+            }
+            stack.enter_context(override_settings(CACHES=config))
+            backend = caches[alias]
+            assert isinstance(backend, ApeeCache)
+            return alias, backend
+
+        yield make

@@ -220,6 +220,40 @@ def test_state_soft_missing_uses_rule() -> None:
     assert state_at(meta, 950, policy=Policy(soft_ratio=1.0)) is State.FRESH
 
 
+def test_state_soft_rule_leaves_room_for_a_known_compute() -> None:
+    # 5 % of 1 s is 50 ms; a 100 ms compute needs 2 x 100 ms of stale window.
+    meta = Meta(soft_ms=0, hard_ms=1000, grace_ms=0, delta_ms=100)
+    assert state_at(meta, 799, rand=0.0) is State.FRESH
+    assert state_at(meta, 800, rand=0.0) is State.STALE
+    # ...but never more than half the timeout, however slow the compute.
+    slow = meta._replace(delta_ms=10_000)
+    assert state_at(slow, 499, rand=0.0) is State.FRESH
+    assert state_at(slow, 500, rand=0.0) is State.STALE
+    # An explicit soft timeout is the writer's word: no room is added.
+    explicit = meta._replace(soft_ms=990)
+    assert state_at(explicit, 989, rand=0.0) is State.FRESH
+
+
+@given(
+    hard=st.integers(min_value=1, max_value=10**9),
+    delta=st.integers(min_value=0, max_value=10**9),
+    ratio=st.floats(min_value=0.001, max_value=1.0),
+)
+def test_state_soft_rule_window_bounds(hard: int, delta: int, ratio: float) -> None:
+    policy = Policy(soft_ratio=ratio)
+    meta = Meta(soft_ms=0, hard_ms=hard, grace_ms=0, delta_ms=delta)
+    rule = soft_timeout_ms(hard, None, policy)
+    first_stale = next(
+        age
+        for age in sorted({0, hard // 2, max(0, hard - 2 * delta), rule, hard})
+        if state(meta, hard - age, policy=policy, rand=0.0) is not State.FRESH
+    )
+    # Never later than the plain rule, never earlier than half the timeout
+    # (unless the rule itself says so).
+    assert first_stale <= rule
+    assert first_stale >= min(rule, hard // 2)
+
+
 def test_state_soft_above_hard_is_clamped() -> None:
     meta = Meta(soft_ms=5000, hard_ms=1000, grace_ms=0, delta_ms=0)
     assert state_at(meta, 999) is State.FRESH

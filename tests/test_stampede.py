@@ -12,12 +12,11 @@ location for the whole process, so sharing an alias would share a breaker.
 
 from __future__ import annotations
 
-import itertools
 import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -38,7 +37,6 @@ from tests.redis_server import RedisServer, free_port
 
 APEE = "django_apee.cache.ApeeCache"
 MISSING: Any = object()
-_aliases = itertools.count()
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -157,29 +155,6 @@ class Background:
 
 
 Made = Callable[..., tuple[str, ApeeCache]]
-
-
-@pytest.fixture
-def make_cache(redis_url: str) -> Iterator[Made]:
-    """``make_cache(**OPTIONS) -> (alias, caches[alias])`` with a fresh alias."""
-    with ExitStack() as stack:
-
-        def make(location: str | None = None, **options: Any) -> tuple[str, ApeeCache]:
-            alias = f"stampede-{next(_aliases)}"
-            config = {
-                **settings.CACHES,
-                alias: {
-                    "BACKEND": APEE,
-                    "LOCATION": location or redis_url,
-                    "OPTIONS": options,
-                },
-            }
-            stack.enter_context(override_settings(CACHES=config))
-            backend = caches[alias]
-            assert isinstance(backend, ApeeCache)
-            return alias, backend
-
-        yield make
 
 
 def made_key(backend: ApeeCache, key: Any, version: int | None = None) -> str:
@@ -778,7 +753,7 @@ def test_breaker_spares_later_calls_the_timeout():
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(64)
         location = f"redis://127.0.0.1:{blackhole.getsockname()[1]}/0"
-        alias = f"stampede-{next(_aliases)}"
+        alias = "stampede-blackhole"
         config = {
             **settings.CACHES,
             alias: {
