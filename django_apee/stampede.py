@@ -121,7 +121,10 @@ class Coordinator:
             str(backend._server), lambda: backend.client.get_client(write=True)
         )
         self._refreshing: set[str] = set()
-        self._held_elsewhere: dict[str, float] = {}
+        #: made key -> (until, seed of the entry then): another process holds
+        #: its lease. The seed tells the entry's writes apart, so a memo made
+        #: about one entry is not applied to the refreshed one.
+        self._held_elsewhere: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
             max_workers=options.refresh_workers,
@@ -176,9 +179,13 @@ class Coordinator:
         Returns the new value when refreshed inline, else ``_MISSING``.
         """
         made, read_pttl = call.made, call.read_pttl
+        seed = call.previous.seed if call.previous is not None else 0
         now = time.monotonic()
         with self._lock:
-            if made in self._refreshing or self._held_elsewhere.get(made, 0) > now:
+            held_elsewhere = self._held_elsewhere.get(made, (0.0, 0))
+            if made in self._refreshing or (
+                held_elsewhere[0] > now and held_elsewhere[1] == seed
+            ):
                 return _MISSING  # this process, or another we know of, is on it
             self._refreshing.add(made)
         try:
@@ -189,7 +196,7 @@ class Coordinator:
             return _MISSING
         held = attempt.lease
         if held is None:
-            self._forget_refresh(made, held_for_ms=attempt.lease_pttl_ms)
+            self._forget_refresh(made, held=(attempt.lease_pttl_ms, seed))
             return _MISSING
         if attempt.pttl_ms > read_pttl >= 0:
             # Rewritten since we read it (a PTTL only falls): another
@@ -235,21 +242,23 @@ class Coordinator:
             self._forget_refresh(held.value_key)
             connections.close_all()  # this thread's connections only
 
-    def _forget_refresh(self, made: str, held_for_ms: int = 0) -> None:
+    def _forget_refresh(self, made: str, held: tuple[int, int] = (0, 0)) -> None:
         """Done refreshing ``made``; remember another holder's lease, if any.
 
         While another process holds the lease, stale reads here skip the
-        acquire round trip until that lease would run out.
+        acquire round trip until that lease would run out (``held``: its
+        PTTL and the seed of the entry it was seen on).
         """
+        held_for_ms, seed = held
         with self._lock:
             self._refreshing.discard(made)
             if held_for_ms > 0:
+                now = time.monotonic()
                 if len(self._held_elsewhere) > 10_000:
-                    now = time.monotonic()
                     self._held_elsewhere = {
-                        k: t for k, t in self._held_elsewhere.items() if t > now
+                        k: h for k, h in self._held_elsewhere.items() if h[0] > now
                     }
-                self._held_elsewhere[made] = time.monotonic() + held_for_ms / 1000
+                self._held_elsewhere[made] = (now + held_for_ms / 1000, seed)
 
     # -- miss ------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ it, so no test sleeps through a timeout to get there.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_apee.envelope import Meta
 from django_apee.options import ApeeOptions
 from tests.test_stampede import (
+    hold_lease,
     lease_key,
     made_key,
     metric,
@@ -330,6 +332,29 @@ def test_cold_wait_remembers_keys_nobody_sets(make_cache, raw_redis):
     started = time.monotonic()
     assert cache.get("flag") is None  # remembered: no wait this time
     assert time.monotonic() - started < 0.25
+
+
+def test_async_cold_wait_leaves_the_thread_sensitive_thread_free(make_cache, raw_redis):
+    from asgiref.sync import sync_to_async
+
+    _, cache = make_cache(COLD_MISS_WAIT=5)
+    holder = hold_lease(cache, "cold", 5000)  # another process's winner
+    order: list[str] = []
+
+    async def scenario() -> Any:
+        waiting = asyncio.ensure_future(cache.aget("cold"))
+        many = asyncio.ensure_future(cache.aget_many(["cold"]))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        assert not many.done()
+        await sync_to_async(lambda: order.append("sync"), thread_sensitive=True)()
+        order.append("sync returned")
+        cache.set("cold", "value", 10)  # a plain set: lands, wakes the waiters
+        return await asyncio.wait_for(asyncio.gather(waiting, many), 5)
+
+    assert asyncio.run(scenario()) == ["value", {"cold": "value"}]
+    assert order == ["sync", "sync returned"]
+    assert raw_redis.get(holder.lease_key) is None
 
 
 # -- across processes -------------------------------------------------------
