@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from django_apee import keys, scripts
+from django_apee import keys, metrics, scripts
 from django_apee.envelope import DecodeError, Meta, peek_meta
 
 #: Pub/sub channel on which lease changes wake waiters (``lease.py``).
@@ -159,6 +159,9 @@ class ApeeClientMixin:
                 graced[made_key] = entry[1]
         if graced:
             self._drop_past_hard(client, graced, by_made_key, found)
+        metrics.count_gets(
+            self._backend.alias, len(found), len(by_made_key) - len(found)
+        )
         return found
 
     @staticmethod
