@@ -187,7 +187,7 @@ def test_minute_bucket_matches_totals_and_expires(make_cache, raw_redis):
 
 
 def test_failed_flush_keeps_the_counts_for_the_next(make_cache, raw_redis, redis_url):
-    alias, cache = make_cache(location=f"redis://127.0.0.1:{free_port()}/0")
+    alias, _ = make_cache(location=f"redis://127.0.0.1:{free_port()}/0")
     metrics.GET_HITS.labels(cache=alias).inc(3)
     assert fleet.flush() == 0  # nobody listens on that port: kept, not raised
     assert fleet.TALLY.pending()[(alias, "hits")] == 3
@@ -216,10 +216,12 @@ def test_series_exist_from_start_up():
         "print(json.dumps([R.get_sample_value(n, l) for n, l in ["
         "('apee_cache_hits_total', {'cache': 'default'}),"
         "('apee_cache_computes_total', {'cache': 'default', 'outcome': 'error'}),"
-        "('apee_cache_fallbacks_total', {'cache': 'default', 'reason': 'wait_timeout'}),"
+        "('apee_cache_fallbacks_total',"
+        " {'cache': 'default', 'reason': 'wait_timeout'}),"
         "('apee_cache_serialization_errors_total',"
         " {'cache': 'default', 'reason': 'signature'}),"
-        "('apee_cache_lease_wait_seconds_bucket', {'cache': 'default', 'le': '0.0001'}),"
+        "('apee_cache_lease_wait_seconds_bucket',"
+        " {'cache': 'default', 'le': '0.0001'}),"
         "('django_cache_get_hits_total', {'backend': 'redis'})]]))"
     )
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
