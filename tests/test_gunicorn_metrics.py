@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fetch(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310
+    with urllib.request.urlopen(url, timeout=30) as response:
         body: bytes = response.read()
     return body
 
@@ -82,7 +82,7 @@ def gunicorn() -> object:
                 "--graceful-timeout",
                 "10",
                 "tests.metrics_app:application",
-            ],  # fmt: skip
+            ],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
