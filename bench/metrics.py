@@ -69,9 +69,11 @@ def measure(rounds: int, calls: int) -> dict:
     samples: dict = {key: [] for key in cases}
     for call in cases.values():
         time_calls(call, 200)  # warm up: connections, scripts, children
+    order = list(cases.items())
     for _ in range(rounds):
-        for key, call in cases.items():
+        for key, call in order:
             samples[key] += time_calls(call, calls)
+        order.reverse()  # neither side always runs first
     result = {}
     for op in ("get", "get_or_set_stampede_safe"):
         on = statistics.median(samples[(op, "on")])
