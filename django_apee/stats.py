@@ -114,7 +114,8 @@ def fleet_counters(
     """Totals since the first flush, and the last few minutes' counts and rates.
 
     The window is the last ``window_minutes`` minute buckets by Redis's clock,
-    the current (partial) minute included; rates divide by its real length.
+    the current (partial) minute included; rates divide by its real length,
+    or by the time since the fleet's first flush if that is shorter.
     """
     seconds, micros = client.time()
     minute = int(seconds) // 60
@@ -127,9 +128,14 @@ def fleet_counters(
     for bucket in buckets:
         for field, amount in _ints(bucket).items():
             window[field] = window.get(field, 0) + amount
-    elapsed = (window_minutes - 1) * 60 + int(seconds) % 60 + int(micros) / 1e6
+    now = int(seconds) + int(micros) / 1e6
+    elapsed = (window_minutes - 1) * 60 + now % 60
     totals = _ints(totals_raw)
+    since = totals.pop("_since", None)
+    if since is not None:  # a fleet younger than the window: its real age
+        elapsed = min(elapsed, max(now - since, 1.0))
     return {
+        "first_flush_unix": since,
         "totals": totals,
         "window_seconds": round(elapsed, 3),
         "window": window,

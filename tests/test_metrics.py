@@ -71,7 +71,10 @@ def made(backend: ApeeCache, key: str) -> str:
 def fleet_totals(raw_redis: redis.Redis, backend: ApeeCache, alias: str) -> dict:
     fleet.flush()
     stored = raw_redis.hgetall(fleet.stats_key(backend.key_prefix, alias))
-    return {k.decode(): int(v) for k, v in stored.items()}
+    found = {k.decode(): int(v) for k, v in stored.items()}
+    if found:  # the first flush's Redis time, not a counter
+        assert abs(found.pop("_since") - raw_redis.time()[0]) < 600
+    return found
 
 
 class Compute:
