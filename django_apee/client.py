@@ -26,7 +26,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from django_apee import keys, policy, scripts
+from django_apee import keys, metrics, policy, scripts
 from django_apee.envelope import DecodeError, Meta, is_raw_int, peek_meta
 
 #: Pub/sub channel on which lease changes wake waiters (``lease.py``).
@@ -204,6 +204,9 @@ class ApeeClientMixin:
             landed = herd.wait_for(client, absent, self._servable)
             for made_key, value in landed.items():
                 found[by_made_key[made_key]] = value
+        metrics.count_gets(
+            self._backend.alias, len(found), len(by_made_key) - len(found)
+        )
         return found
 
     def _servable(self, raw: bytes | None, pttl: int) -> Any:

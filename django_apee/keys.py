@@ -23,8 +23,15 @@ Companions start with ``{`` or ``apee:``, so django-redis patterns such as
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
+import time
+
 LEASE = "lease"
 WAKE = "wake"
+
+_HOST = socket.gethostname().replace(":", "_")
 
 
 def hash_tag(key: str) -> str | None:
@@ -51,3 +58,21 @@ def companion(value_key: str, kind: str) -> str:
 def same_slot(value_key: str) -> bool:
     """Tell whether ``companion(value_key, …)`` shares the value key's slot."""
     return hash_tag(value_key) is not None or bool(value_key and "}" not in value_key)
+
+
+def lease_token() -> str:
+    """A lease's token: who holds it and since when, then 64 random bits.
+
+    Only equality matters to the lease scripts; the readable part lets
+    ``apee_stats`` name a lease's holder (host and pid) and its age. The time
+    is the holder's clock, so an age is only as good as the hosts' clock sync.
+    """
+    return f"{_HOST}:{os.getpid()}:{int(time.time() * 1000)}:{secrets.token_hex(8)}"
+
+
+def parse_lease_token(token: str) -> tuple[str, int, int] | None:
+    """``(host, pid, acquired_unix_ms)`` of a token, None if not one of ours."""
+    parts = token.rsplit(":", 3)
+    if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])

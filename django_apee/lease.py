@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -108,7 +107,7 @@ def read(client: Redis, value_key: str) -> tuple[bytes | None, int]:
 def acquire(client: Redis, value_key: str, lease_ms: int) -> Attempt:
     """Try to take the lease of ``value_key``; read the value meanwhile."""
     lease_key = keys.companion(value_key, keys.LEASE)
-    token = secrets.token_hex(16)
+    token = keys.lease_token()
     held, lease_pttl, raw, pttl = scripts.run(
         client, "acquire", keys=[value_key, lease_key], args=[token, lease_ms]
     )

@@ -1,0 +1,132 @@
+"""Django system checks for every ApeeCache alias.
+
+Static checks (``apee.E…``) read only settings: they run with every
+``manage.py`` command and never talk to Redis. Live checks (``apee.W…``) ask
+Redis how it is configured (``stats.lint``) and run only under
+``check --deploy``, with short timeouts; a Redis that cannot be reached is a
+warning saying so, never an exception.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+
+#: Socket timeouts of the live checks' own connection, in seconds.
+LIVE_TIMEOUT = 1.0
+
+
+def register() -> None:
+    checks.register(check_options, "caches")
+    checks.register(check_redis, "caches", deploy=True)
+
+
+def _apee_caches() -> dict[str, dict[str, Any]]:
+    from django_apee.apps import apee_aliases
+
+    return {alias: settings.CACHES[alias] for alias in apee_aliases(settings.CACHES)}
+
+
+def check_options(**kwargs: Any) -> list[checks.CheckMessage]:
+    """apee.E001 bad OPTIONS; E002 unusable CLIENT_CLASS; E003 our own knobs."""
+    from django_apee.client import client_class
+    from django_apee.options import ApeeOptions
+
+    errors: list[checks.CheckMessage] = []
+    for alias, config in _apee_caches().items():
+        options = config.get("OPTIONS") or {}
+        try:
+            parsed = ApeeOptions.from_params(options)
+        except ImproperlyConfigured as error:
+            errors.append(checks.Error(str(error), obj=alias, id="apee.E001"))
+            continue
+        try:
+            client_class(parsed.client_class)
+        except (ImproperlyConfigured, ImportError) as error:
+            errors.append(checks.Error(str(error), obj=alias, id="apee.E002"))
+        errors += _metrics_options(alias, options)
+    return errors
+
+
+def _metrics_options(alias: str, options: dict[str, Any]) -> list[checks.CheckMessage]:
+    found = []
+    if not isinstance(options.get("METRICS", True), bool):
+        found.append(
+            checks.Error(
+                f"CACHES OPTIONS['METRICS'] must be True or False, "
+                f"got {options['METRICS']!r}.",
+                obj=alias,
+                id="apee.E003",
+            )
+        )
+    interval = options.get("STATS_FLUSH_INTERVAL", 5.0)
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, (int, float))
+        or (interval <= 0)
+    ):
+        found.append(
+            checks.Error(
+                "CACHES OPTIONS['STATS_FLUSH_INTERVAL'] must be a number of "
+                f"seconds > 0, got {interval!r}.",
+                obj=alias,
+                id="apee.E003",
+            )
+        )
+    return found
+
+
+def check_redis(**kwargs: Any) -> list[checks.CheckMessage]:
+    """apee.W001 Redis unreachable; W002 each finding of the configuration lint."""
+    found: list[checks.CheckMessage] = []
+    for alias, config in _apee_caches().items():
+        found += _live(alias, config)
+    return found
+
+
+def _live(alias: str, config: dict[str, Any]) -> list[checks.CheckMessage]:
+    from django_apee import stats
+
+    try:
+        client = _client(config)
+        try:
+            lint = stats.lint(client)
+        finally:
+            client.close()
+    except Exception as error:  # any failure to look is a warning, not a crash
+        return [
+            checks.Warning(
+                f"could not check the Redis of cache {alias!r}: {error}",
+                hint="apee_stats --check lints it once Redis is reachable.",
+                obj=alias,
+                id="apee.W001",
+            )
+        ]
+    return [
+        checks.Warning(
+            f"Redis {one['name']} is {one['value']!r}",
+            hint=one["advice"],
+            obj=alias,
+            id="apee.W002",
+        )
+        for one in lint["checks"]
+        if one["status"] == "finding"
+    ]
+
+
+def _client(config: dict[str, Any]) -> Any:
+    """A short-timeout client of the alias's first server (not its pool)."""
+    import redis
+
+    location = config.get("LOCATION")
+    first = location[0] if isinstance(location, (list, tuple)) else str(location)
+    first = first.split(",")[0]
+    return redis.Redis.from_url(
+        first,
+        socket_connect_timeout=LIVE_TIMEOUT,
+        socket_timeout=LIVE_TIMEOUT,
+        retry_on_timeout=False,
+    )

@@ -1,0 +1,312 @@
+"""``manage.py apee_stats``: a cache's Redis, its fleet counters, one key, a lint.
+
+Gathering lives in ``django_apee.stats``; this command picks the mode, loops
+for ``--watch`` and formats (an aligned table, or JSON shaped as
+``django_apee/stats.schema.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_apee import stats
+from django_apee.apps import apee_aliases
+
+#: Exit status when --check finds something (errors reaching Redis exit 1).
+FINDINGS_EXIT = 2
+
+
+class Command(BaseCommand):  # type: ignore[misc]
+    help = (
+        "Show django-apee caches: Redis health and the fleet's counters; "
+        "inspect one key (--key), list the largest keys (--scan) or lint "
+        "the Redis configuration (--check)."
+    )
+
+    def add_base_argument(self, parser: CommandParser, *args: Any, **kw: Any) -> None:
+        """Leave ``--version`` to the cache key version, as the issue asks."""
+        if "--version" not in args:
+            super().add_base_argument(parser, *args, **kw)
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--cache", action="append", help="alias (repeatable; default: all)"
+        )
+        parser.add_argument("--key", help="inspect one entry")
+        parser.add_argument(
+            "--version", dest="key_version", type=int, help="the key's version"
+        )
+        parser.add_argument(
+            "--scan",
+            nargs="?",
+            const="",
+            metavar="PATTERN",
+            help="largest keys matching PATTERN (default: the alias's keys)",
+        )
+        parser.add_argument("--top", type=int, default=20)
+        parser.add_argument(
+            "--check", action="store_true", help="lint the Redis configuration"
+        )
+        parser.add_argument("--json", action="store_true", help="JSON output")
+        parser.add_argument(
+            "--watch", type=float, metavar="SECONDS", help="repeat every SECONDS"
+        )
+        parser.add_argument(
+            "--count", type=int, default=10, help="how many --watch rounds (10)"
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        aliases = options["cache"] or apee_aliases(settings.CACHES)
+        if not aliases:
+            raise CommandError("no django_apee ApeeCache in CACHES")
+        mode = self._mode(options)
+        rounds = max(1, options["count"]) if options["watch"] else 1
+        previous: dict[str, Any] = {}
+        failed = findings = 0
+        for round_ in range(rounds):
+            if round_:
+                time.sleep(options["watch"])
+            report = {"schema_version": stats.SCHEMA_VERSION, "mode": mode}
+            results = [self._gather(mode, alias, options) for alias in aliases]
+            if mode == "overview":
+                for result in results:
+                    _interval_rates(result, previous, time.monotonic())
+            report["results"] = results
+            failed = sum(1 for r in results if "error" in r)
+            findings = sum(r.get("lint", {}).get("findings", 0) for r in results)
+            self._emit(report, options["json"])
+        if failed:
+            raise CommandError(f"{failed} cache(s) could not be read", returncode=1)
+        if findings:
+            raise CommandError(
+                f"--check: {findings} finding(s) in the Redis configuration",
+                returncode=FINDINGS_EXIT,
+            )
+
+    @staticmethod
+    def _mode(options: dict[str, Any]) -> str:
+        chosen = [
+            name
+            for name, on in (
+                ("key", options["key"] is not None),
+                ("scan", options["scan"] is not None),
+                ("check", options["check"]),
+            )
+            if on
+        ]
+        if len(chosen) > 1:
+            raise CommandError("choose one of --key, --scan and --check")
+        return chosen[0] if chosen else "overview"
+
+    @staticmethod
+    def _gather(mode: str, alias: str, options: dict[str, Any]) -> dict[str, Any]:
+        def gather(alias: str) -> dict[str, Any]:
+            if mode == "overview":
+                return stats.overview(alias)
+            backend = stats.backend_of(alias)
+            client = stats.client_of(backend)
+            if mode == "key":
+                found = stats.inspect_key(
+                    backend, client, options["key"], options["key_version"]
+                )
+                return {"alias": alias, "entry": found}
+            if mode == "scan":
+                pattern = options["scan"] or f"{backend.key_prefix}:*"
+                found = stats.scan_top(client, pattern, options["top"])
+                return {"alias": alias, "scan": found}
+            return {"alias": alias, "lint": stats.lint(client)}
+
+        try:
+            return stats.guarded(alias, gather)
+        except stats.StatsError as error:
+            return {"alias": alias, "error": str(error)}
+
+    def _emit(self, report: dict[str, Any], as_json: bool) -> None:
+        if as_json:
+            self.stdout.write(json.dumps(report, sort_keys=True))
+            return
+        for result in report["results"]:
+            self.stdout.write(human(report["mode"], result))
+
+
+def _interval_rates(
+    result: dict[str, Any], previous: dict[str, Any], now: float
+) -> None:
+    """Under --watch: per-second rates of the fleet totals since the last round."""
+    if "fleet" not in result:
+        return
+    totals = result["fleet"]["totals"]
+    last = previous.get(result["alias"])
+    previous[result["alias"]] = (now, totals)
+    if last is None:
+        return
+    seconds = now - last[0]
+    delta = {k: v - last[1].get(k, 0) for k, v in totals.items()}
+    result["fleet"]["interval"] = {
+        "seconds": round(seconds, 3),
+        "rates": stats.rates(delta, seconds),
+        "ratios": stats.ratios(delta),
+    }
+
+
+# -- human output ----------------------------------------------------------------------
+
+
+def table(rows: list[tuple[str, Any]], indent: str = "  ") -> str:
+    width = max((len(name) for name, _ in rows), default=0)
+    lines = (f"{indent}{name.ljust(width)}  {value}" for name, value in rows)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, int):
+        return "unknown" if value is None else str(value)
+    if value < 1024:
+        return f"{value} B"
+    scaled = float(value)
+    for unit in ("KiB", "MiB", "GiB"):
+        scaled /= 1024
+        if scaled < 1024 or unit == "GiB":
+            break
+    return f"{scaled:.1f} {unit}"
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{value * 100:.1f} %"
+
+
+def _secs(value: Any) -> str:
+    return "n/a" if value is None else f"{value * 1000:.2f} ms"
+
+
+def _ms(value: Any) -> str:
+    return "n/a" if value is None else f"{value / 1000:.3f} s"
+
+
+def human(mode: str, result: dict[str, Any]) -> str:
+    head = f"cache {result['alias']!r}"
+    if "error" in result:
+        return f"{head}: ERROR {result['error']}"
+    body = {
+        "overview": _human_overview,
+        "key": _human_key,
+        "scan": _human_scan,
+        "check": _human_check,
+    }[mode](result)
+    return f"{head}\n{body}\n"
+
+
+def _human_overview(result: dict[str, Any]) -> str:
+    server, fleet, held = result["server"], result["fleet"], result["leases"]
+    memory = f"{_size(server['used_memory'])} of {_size(server['maxmemory'] or None)}"
+    if server["memory_ratio"] is not None:
+        memory += f" ({_pct(server['memory_ratio'])})"
+    clients = f"{server['connected_clients']} of {server['maxclients']}"
+    totals, window = fleet["totals"], fleet["window"]
+    ratios, rates = fleet["ratios"], fleet["rates"]
+    rows: list[tuple[str, Any]] = [
+        ("redis", f"{result['location']}  {server['version']} ({server['role']})"),
+        ("memory", memory),
+        ("fragmentation", server["fragmentation_ratio"]),
+        ("evicted keys", server["evicted_keys"]),
+        ("eviction policy", server["maxmemory_policy"]),
+        ("clients", clients),
+        ("keyspace hit ratio", _pct(server["keyspace_hit_ratio"])),
+        ("", ""),
+        (f"fleet, last {fleet['window_seconds']:.0f} s", "window / total"),
+        ("get hits", f"{window.get('hits', 0)} / {totals.get('hits', 0)}"),
+        ("get misses", f"{window.get('misses', 0)} / {totals.get('misses', 0)}"),
+        ("hit ratio", _pct(ratios["hit_ratio"])),
+        (
+            "stampede-safe hits",
+            f"{window.get('stampede_hits', 0)} / {totals.get('stampede_hits', 0)}",
+        ),
+        (
+            "stampede-safe misses",
+            f"{window.get('stampede_misses', 0)} / {totals.get('stampede_misses', 0)}",
+        ),
+        ("stampede hit ratio", _pct(ratios["stampede_hit_ratio"])),
+        ("stale share of hits", _pct(ratios["stale_share"])),
+        ("gets per second", rates["gets_per_second"]),
+        ("computes per minute", rates["computes_per_minute"]),
+        ("fallbacks per minute", rates["fallbacks_per_minute"]),
+        ("lease wait p95", _secs(ratios["lease_wait_p95_seconds"])),
+        ("serialization errors", stats._sum(window, "serialization_errors")),
+        ("", ""),
+        ("leases held now", f"{held['count']}{'' if held['complete'] else '+'}"),
+    ]
+    oldest = held["oldest"]
+    if oldest is not None:
+        rows.append(
+            (
+                "oldest lease",
+                f"{oldest['key']} by {oldest['holder']}, "
+                f"{oldest['age_seconds']:.1f} s old, {_ms(oldest['ttl_ms'])} left",
+            )
+        )
+    interval = fleet.get("interval")
+    if interval is not None:
+        rows.append(
+            (
+                f"last {interval['seconds']:.1f} s",
+                f"{interval['rates']['gets_per_second']} gets/s, hit ratio "
+                f"{_pct(interval['ratios']['hit_ratio'])}",
+            )
+        )
+    return table(rows)
+
+
+def _human_key(result: dict[str, Any]) -> str:
+    entry = result["entry"]
+    rows: list[tuple[str, Any]] = [
+        ("key", entry["key"]),
+        ("redis key", entry["redis_key"]),
+        ("state", entry["state"]),
+    ]
+    if entry["encoding"] is not None:
+        rows += [
+            ("encoding", entry["encoding"] + _error(entry)),
+            ("codec", entry.get("codec", "-")),
+            ("compression", entry.get("compression", "-")),
+            ("stored bytes", entry["stored_bytes"]),
+            ("raw bytes", entry.get("raw_bytes", "-")),
+            ("hard TTL left", _ms(entry.get("hard_ttl_ms"))),
+            ("soft TTL left", _ms(entry.get("soft_ttl_ms"))),
+            ("delta (compute time)", _ms(entry.get("delta_ms"))),
+        ]
+    held = entry["lease"]
+    if held is None:
+        rows.append(("lease", "none"))
+    else:
+        rows.append(("lease", f"held by {held['holder']}, {_ms(held['ttl_ms'])} left"))
+    return table(rows)
+
+
+def _error(entry: dict[str, Any]) -> str:
+    return f" ({entry['error']})" if "error" in entry else ""
+
+
+def _human_scan(result: dict[str, Any]) -> str:
+    scan = result["scan"]
+    rows = [(one["key"], _size(one["memory_bytes"])) for one in scan["top"]]
+    more = "" if scan["complete"] else " (stopped at the bound)"
+    head = f"  {scan['scanned']} keys scanned matching {scan['pattern']!r}{more}"
+    return head + ("\n" + table(rows) if rows else "\n  none")
+
+
+def _human_check(result: dict[str, Any]) -> str:
+    lint = result["lint"]
+    rows = [
+        (
+            one["name"],
+            f"{(one['value'] or '?'):<24} {one['status'].upper():<8} {one['advice']}",
+        )
+        for one in lint["checks"]
+    ]
+    tail = f"\n  {lint['findings']} finding(s), {lint['unknown']} unknown"
+    return table(rows) + tail
