@@ -21,6 +21,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.core.exceptions import ImproperlyConfigured
 from django_redis.cache import RedisCache, omit_exception
 
 from django_apee import herd, metrics, stampede
@@ -55,13 +56,31 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
     def __init__(self, server: str, params: dict[str, Any]) -> None:
         params = dict(params)
         self.user_options: dict[str, Any] = params.get("OPTIONS") or {}
-        self.apee = ApeeOptions.from_params(self.user_options)
+        #: Bad OPTIONS, kept to be raised by the first use. Django builds every
+        #: backend before its system checks run (``manage.py check``), so
+        #: raising here would hide apee.E001/E002, which say the same thing
+        #: in the check's own report; a backend is built on first use anyway.
+        self.config_error: ImproperlyConfigured | None = None
+        try:
+            self.apee = ApeeOptions.from_params(self.user_options)
+            client_cls = client_class(self.apee.client_class)
+        except (ImproperlyConfigured, ImportError) as error:
+            self.config_error = ImproperlyConfigured(str(error))
+            self.apee = ApeeOptions.from_params({})
+            client_cls = client_class(self.apee.client_class)
         params["OPTIONS"] = self.apee.redis_options
         super().__init__(server, params)
-        self._client_cls = client_class(self.apee.client_class)
+        self._client_cls = client_cls
         self._envelope: Envelope | None = None
         self.legacy_reads = self.apee.legacy_reads
         self._herd: tuple[int, herd.Herd] | None = None
+
+    @property
+    def client(self) -> Any:
+        """django-redis's client; every cache operation goes through it."""
+        if self.config_error is not None:
+            raise self.config_error
+        return super().client
 
     @property
     def envelope(self) -> Envelope:

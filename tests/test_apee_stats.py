@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 from django.conf import settings
 from django.core.cache import caches
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test.utils import override_settings
@@ -319,6 +320,22 @@ def test_static_checks_name_the_bad_option():
     with override_settings(CACHES=config):
         messages = [m.msg for m in checks.check_options() if m.obj == "flags"]
     assert len(messages) == 2
+
+
+def test_manage_py_check_reports_bad_options_and_use_raises_them():
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    config = caches_for()
+    config["bad"] = {"BACKEND": APEE, "LOCATION": dead_url(),
+                     "OPTIONS": {"CODEC": "yaml"}}  # fmt: skip
+    with override_settings(CACHES=config):
+        with pytest.raises(SystemCheckError, match=r"apee\.E001.*CODEC"):
+            call_command("check")
+        with pytest.raises(ImproperlyConfigured, match="CODEC"):
+            caches["bad"].get("k")
+        with pytest.raises(ImproperlyConfigured, match="CODEC"):
+            caches["bad"].get_or_set_stampede_safe("k", lambda: 1, 10)
 
 
 def test_deploy_checks_warn_and_never_raise(servers):

@@ -798,8 +798,9 @@ class MyClient(DefaultClient):
     ],
 )
 def test_refused_client_classes(redis_url, path):
+    cache = make_apee(redis_url, CLIENT_CLASS=path)  # apee.E002 reports it
     with pytest.raises(ImproperlyConfigured) as caught:
-        make_apee(redis_url, CLIENT_CLASS=path)
+        cache.get("k")
     message = str(caught.value)
     assert path in message
     assert "not supported by django_apee" in message
@@ -812,7 +813,7 @@ def test_refused_client_classes(redis_url, path):
         override_settings(CACHES=everything),
         pytest.raises(ImproperlyConfigured, match="not supported by django_apee"),
     ):
-        caches[ALIAS]
+        caches[ALIAS].set("k", 1)
 
 
 def test_custom_default_client_subclass_is_kept(redis_url):
