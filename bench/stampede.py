@@ -33,6 +33,12 @@ Scenarios (processes x threads, 4 x 16 by default):
 5. ``pause``: readers on a cached key; Redis is SIGSTOPped for 3 s under load
    (socket timeout 0.5 s wherever the peer lets us set one). Exceptions to
    callers, caller latency.
+6. ``herd``: ``hot`` again, but the callers are plain cache-aside code
+   (``get``; on a miss compute and ``set``), as ``{% cache %}``, ``cache_page``
+   and third-party apps are written: ApeeCache with herd mode on (its
+   default), and with ``COLD_MISS_WAIT`` too (peer ``apee_wait``), against
+   django-redis and Django's RedisCache. Computes per TTL window and
+   requests that had to compute.
 
 Computes are counted in shared memory (``multiprocessing.Value``), never in
 Redis, so a paused Redis cannot hide one. Every process is started with the
@@ -81,8 +87,24 @@ PEERS: dict[str, tuple[str, int]] = {
     "django": ("Django RedisCache", 4),
     "django_redis": ("django-redis", 5),
     "herd": ("django-redis Herd", 6),
+    "apee_wait": ("django-apee, COLD_MISS_WAIT", 7),
 }
-SCENARIOS = ("cold", "hot", "long", "kill", "pause")
+SCENARIOS = ("cold", "hot", "long", "kill", "pause", "herd")
+#: The peers a scenario is for, when not all: ``herd`` is plain cache-aside
+#: code (get, compute, set), which only the Django cache backends run.
+SCENARIO_PEERS: dict[str, tuple[str, ...]] = {
+    "herd": ("apee", "apee_wait", "django", "django_redis"),
+}
+#: Peers that exist for one scenario only (an ApeeCache option made for it).
+ONE_SCENARIO_PEERS = ("apee_wait",)
+#: ``COLD_MISS_WAIT`` of the ``apee_wait`` peer, s: longer than the compute.
+COLD_MISS_WAIT_S = 1.0
+
+
+def peers_for(scenario: str) -> tuple[str, ...]:
+    default = tuple(p for p in PEERS if p not in ONE_SCENARIO_PEERS)
+    return SCENARIO_PEERS.get(scenario, default)
+
 
 #: A request that took longer than this after the first value landed waited
 #: on a refresh (a hit is well under a millisecond).
@@ -271,6 +293,11 @@ def configure_django(cfg: dict) -> None:
                 "LOCATION": f"{base}/{PEERS['apee'][1]}",
                 "OPTIONS": apee_options,
             },
+            "apee_wait": {
+                "BACKEND": "django_apee.cache.ApeeCache",
+                "LOCATION": f"{base}/{PEERS['apee_wait'][1]}",
+                "OPTIONS": apee_options | {"COLD_MISS_WAIT": COLD_MISS_WAIT_S},
+            },
             "django": {
                 "BACKEND": "django.core.cache.backends.redis.RedisCache",
                 "LOCATION": f"{base}/{PEERS['django'][1]}",
@@ -300,6 +327,8 @@ def configure_django(cfg: dict) -> None:
 def make_peer(cfg: dict) -> Any:
     """``call(key, compute) -> value`` for this child's peer."""
     peer, ttl = cfg["peer"], cfg["ttl"]
+    if cfg.get("aside"):
+        return cache_aside(peer, ttl)
     if peer == "apee":
         from django_apee import get_or_set_stampede_safe
 
@@ -357,6 +386,21 @@ def make_peer(cfg: dict) -> Any:
     raise ValueError(f"unknown peer {peer!r}")
 
 
+def cache_aside(alias: str, ttl: float) -> Any:
+    """``call(key, compute)`` as code that knows only ``get`` and ``set`` does it."""
+    from django.core.cache import caches
+
+    def call_aside(key: str, compute: Any) -> Any:
+        cache = caches[alias]  # per thread, as Django hands them out
+        value = cache.get(key)
+        if value is None:
+            value = compute()
+            cache.set(key, value, ttl)
+        return value
+
+    return call_aside
+
+
 # -- the child process ----------------------------------------------------------
 
 
@@ -403,7 +447,7 @@ def child_main(
         # per-process key, so this process takes the miss path itself).
         warm_key = f"warm:{pid}"
         call(warm_key, _warm_value)
-        if cfg["peer"] == "apee":
+        if cfg["peer"].startswith("apee"):
             from django_apee import lease
 
             for hub in list(lease._HUBS.values()):
@@ -646,6 +690,9 @@ def analyse(cfg: dict, observed: dict) -> dict:
         result.update(analyse_cold(calls, computes, observed))
     elif scenario == "hot":
         result.update(analyse_hot(cfg, calls, computes, observed))
+    elif scenario == "herd":
+        result.update(analyse_hot(cfg, calls, computes, observed))
+        result.update(analyse_aside(calls, computes))
     elif scenario == "long":
         result.update(analyse_long(cfg, observed))
     elif scenario == "kill":
@@ -747,6 +794,23 @@ def analyse_hot(cfg: dict, calls: list, computes: list, observed: dict) -> dict:
     }
 
 
+def analyse_aside(calls: list, computes: list) -> dict:
+    """Requests whose own caller had to compute (its ``get`` missed).
+
+    The cold fill at the start is counted apart: every peer without a lease
+    on absent keys computes it once per caller.
+    """
+    if not computes:
+        return {}
+    landed = min(end for _, end, _ in computes)
+    computed = [c for c in calls if c[4]]
+    return {
+        "computed_requests": len(computed),
+        "computed_in_fill": sum(1 for c in computed if c[0] <= landed),
+        "computed_after_fill": sum(1 for c in computed if c[0] > landed),
+    }
+
+
 def analyse_long(cfg: dict, observed: dict) -> dict:
     rounds = len(observed["round_starts"]) or 1
     computes = observed.get("computes_total", 0)
@@ -822,9 +886,10 @@ def scenario_config(name: str, args: argparse.Namespace) -> dict:
     if name == "cold":
         cfg.update(compute_s=args.cold_compute, rounds=args.cold_rounds)
         cfg["planned_s"] = args.cold_rounds * (args.cold_compute + 5)
-    elif name == "hot":
+    elif name in ("hot", "herd"):
         cfg.update(compute_s=args.hot_compute, ttl=args.ttl, loop_s=args.hot_seconds)
         cfg["planned_s"] = args.hot_seconds + 5
+        cfg["aside"] = name == "herd"
     elif name == "long":
         cfg.update(
             compute_s=args.long_compute,
@@ -934,6 +999,8 @@ def main() -> None:
         for name in scenarios:
             results = report["scenarios"].setdefault(name, {})
             for peer in peers:
+                if peer not in peers_for(name):
+                    continue
                 cfg = scenario_config(name, args) | {"peer": peer, "port": server.port}
                 t0 = time.monotonic()
                 observed = run_one(ctx, server, cfg)
@@ -1001,6 +1068,18 @@ COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("max ms", lambda r: (r.get("latency_after_fill_ms") or {}).get("max")),
         ("errors", errs),
     ],
+    "herd": [
+        ("computes", lambda r: r["computes"]),
+        ("per TTL window", lambda r: r.get("per_window")),
+        ("max/refresh", lambda r: r.get("max_per_generation")),
+        ("calls", lambda r: r.get("calls_after_fill")),
+        ("computed (fill)", lambda r: r.get("computed_in_fill")),
+        ("computed (after)", lambda r: r.get("computed_after_fill")),
+        ("waited on refresh", lambda r: r.get("waited")),
+        ("p99 ms", lambda r: (r.get("latency_after_fill_ms") or {}).get("p99")),
+        ("max ms", lambda r: (r.get("latency_after_fill_ms") or {}).get("max")),
+        ("errors", errs),
+    ],
     "long": [
         ("computes", lambda r: r["computes"]),
         ("per expiry", lambda r: r.get("per_expiry")),
@@ -1036,6 +1115,8 @@ TITLES = {
     "{rounds} keys one after another",
     "hot": "2. hot key, {loop_s} s, TTL {ttl} s, {compute_s} s compute, "
     "{p} x {t} readers ({think} ms think)",
+    "herd": "6. cache-aside (get, compute, set) on a hot key, {loop_s} s, TTL {ttl} s, "
+    "{compute_s} s compute, {p} x {t} readers ({think} ms think)",
     "long": "3. {compute_s} s compute under a {lease_s} s initial lock/lease, "
     "{rounds} expiries, {p} x {t}",
     "kill": "4. holder SIGKILLed {kill_after_s} s into a {compute_s} s compute "
