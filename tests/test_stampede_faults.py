@@ -16,12 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import queue
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -39,6 +34,7 @@ from prometheus_client import REGISTRY
 
 from django_apee import get_or_set_stampede_safe, keys, lease
 from django_apee.client import WAKE_CHANNEL
+from tests.children import Child
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,76 +78,19 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-class Worker:
-    """One child process running ``tests.stampede_worker``."""
-
-    def __init__(self, spec: dict[str, Any]) -> None:
-        # Closed by the ``spawn`` fixture, after the worker is gone.
-        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.stampede_worker", json.dumps(spec)],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put("")
-
-    def _line(self, timeout: float) -> str:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(
-                f"worker silent for {timeout}s: {self.errors()}"
-            ) from None
-        if not line:
-            raise AssertionError(f"worker exited early: {self.errors()}")
-        return line
-
-    def errors(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read()[-3000:]
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        assert self._line(timeout).strip() == "READY"
-
-    def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-    def result(self, timeout: float = 30.0) -> dict[str, Any]:
-        found: dict[str, Any] = json.loads(self._line(timeout))
-        return found
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-
 @pytest.fixture
-def spawn() -> Iterator[Callable[..., Worker]]:
+def spawn() -> Iterator[Callable[..., Child]]:
     """Start workers; every one still alive at the end is killed."""
-    started: list[Worker] = []
+    started: list[Child] = []
 
-    def start(**spec: Any) -> Worker:
-        worker = Worker(spec)
+    def start(**spec: Any) -> Child:
+        worker = Child("tests.stampede_worker", json.dumps(spec))
         started.append(worker)
         return worker
 
     yield start
     for worker in started:
         worker.kill()
-        worker.stderr.close()
 
 
 def calls_of(*outcomes: dict[str, Any]) -> list[dict[str, Any]]:
@@ -171,7 +110,7 @@ def assert_no_errors(calls: list[dict[str, Any]]) -> None:
 
 
 def test_cold_key_four_processes_sixteen_threads_compute_once(
-    spawn: Callable[..., Worker], raw_redis: redis.Redis
+    spawn: Callable[..., Child], raw_redis: redis.Redis
 ) -> None:
     alias, key, counter = unique_alias("cold"), "cold:report", "test:computes:cold"
     workers = [
@@ -222,7 +161,7 @@ def test_cold_key_four_processes_sixteen_threads_compute_once(
 
 
 def test_compute_five_times_the_lease_is_renewed_and_runs_once(
-    spawn: Callable[..., Worker], raw_redis: redis.Redis
+    spawn: Callable[..., Child], raw_redis: redis.Redis
 ) -> None:
     alias, key, counter = unique_alias("long"), "long:compute", "test:computes:long"
     options = {"LEASE_TIMEOUT": 0.5}
@@ -283,7 +222,7 @@ def test_compute_five_times_the_lease_is_renewed_and_runs_once(
 
 
 def test_holder_killed_mid_compute_one_takeover_within_the_lease(
-    spawn: Callable[..., Worker], raw_redis: redis.Redis
+    spawn: Callable[..., Child], raw_redis: redis.Redis
 ) -> None:
     alias, key, counter = unique_alias("kill"), "kill:me", "test:computes:kill"
     lease_s, takeover_s = 1.0, 0.1
@@ -671,7 +610,7 @@ def test_redis_sigstop_under_load_fails_open_with_bounded_latency(
 
 
 def test_hot_key_two_processes_one_compute_per_soft_window_nobody_waits(
-    spawn: Callable[..., Worker], raw_redis: redis.Redis
+    spawn: Callable[..., Child], raw_redis: redis.Redis
 ) -> None:
     alias, key, counter = unique_alias("hot"), "hot:key", "test:computes:hot"
     timeout, soft, run_s = 1.0, 0.9, 6.0

@@ -22,11 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import queue
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +40,7 @@ from django.utils import translation
 from django.utils.safestring import SafeString
 
 from django_apee.cache import ApeeCache
+from tests.children import Child
 from tests.render_worker import SPEC_VARIABLE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -453,67 +449,6 @@ STAMPEDE_KEY = make_template_fragment_key("stampede")
 PROCESSES, THREADS = 2, 32
 
 
-class Worker:
-    """One child process running ``tests.render_worker``."""
-
-    def __init__(self, spec: dict[str, Any]) -> None:
-        # Closed by the ``fleet`` fixture, after the worker is gone.
-        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.render_worker"],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "DJANGO_SETTINGS_MODULE": "tests.settings",
-                SPEC_VARIABLE: json.dumps(spec),
-            },
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put("")
-
-    def line(self, timeout: float) -> str:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(
-                f"worker silent for {timeout}s: {self.errors()}"
-            ) from None
-        if not line:
-            raise AssertionError(f"worker exited early: {self.errors()}")
-        return line
-
-    def errors(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read()[-3000:]
-
-    def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-
-    def finish(self, timeout: float = 60.0) -> dict[str, Any]:
-        """Its report, once it has exited (its background refreshes done)."""
-        report: dict[str, Any] = json.loads(self.line(timeout))
-        returncode = self.proc.wait(timeout=timeout)
-        assert returncode == 0, self.errors()
-        return report
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-
 Fleet = Callable[..., tuple[str, list[dict[str, Any]]]]
 
 
@@ -526,7 +461,7 @@ def fleet(redis_url: str) -> Iterator[Fleet]:
     runs ``before_go(alias)`` once all are ready, releases them together and
     returns what every thread's render returned, after every worker exited.
     """
-    started: list[Worker] = []
+    started: list[Child] = []
     with ExitStack() as stack:
 
         def run(
@@ -548,10 +483,13 @@ def fleet(redis_url: str) -> Iterator[Fleet]:
                 "counter": counter,
                 "render_s": 0.3,
             }
-            workers = [Worker(spec) for _ in range(PROCESSES)]
+            workers = [
+                Child("tests.render_worker", env={SPEC_VARIABLE: json.dumps(spec)})
+                for _ in range(PROCESSES)
+            ]
             started.extend(workers)
             for worker in workers:
-                assert worker.line(timeout=60).strip() == "READY"
+                worker.wait_ready()
             before_go(name)
             for worker in workers:
                 worker.go()
@@ -564,7 +502,6 @@ def fleet(redis_url: str) -> Iterator[Fleet]:
         finally:
             for worker in started:
                 worker.kill()
-                worker.stderr.close()
 
 
 def pages_of(results: list[dict[str, Any]]) -> list[str]:
