@@ -299,6 +299,19 @@ class Decoded(NamedTuple):
     meta: Meta | None
 
 
+#: Every ``DecodeError.reason`` (see the module docstring); metrics label them.
+DECODE_REASONS = (
+    "foreign",
+    "version",
+    "truncated",
+    "corrupt",
+    "signature",
+    "compression",
+    "codec_unavailable",
+    "too_large",
+)
+
+
 class DecodeError(Exception):
     """The stored bytes cannot be turned back into a value.
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter, Histogram
 
 from django_apee import fleet
+from django_apee.envelope import DECODE_REASONS
 
 if TYPE_CHECKING:
     from django_apee.cache import ApeeCache
@@ -43,16 +44,6 @@ FALLBACK_REASONS = (
     "stale_if_error",
     "refresh_pool_full",
     "cold_wait_timeout",
-)
-DECODE_REASONS = (
-    "foreign",
-    "version",
-    "truncated",
-    "corrupt",
-    "signature",
-    "compression",
-    "codec_unavailable",
-    "too_large",
 )
 
 

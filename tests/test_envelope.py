@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from django_apee import envelope as envelope_module
 from django_apee.envelope import (
+    DECODE_REASONS,
     FORMAT_VERSION,
     MAGIC,
     Decoded,
@@ -1174,3 +1175,8 @@ def test_fuzz_decode_raises_only_decode_error(
     for index, mask in flips:
         changed[index] ^= mask
     _decode_or_decode_error(envelope, bytes(changed))
+
+
+def test_every_reason_is_exported_for_the_metrics() -> None:
+    assert set(DECODE_REASONS) == REASONS
+    assert len(DECODE_REASONS) == len(REASONS)
