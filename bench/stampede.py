@@ -82,12 +82,12 @@ from tests.redis_server import RedisServer
 #: name -> (label, Redis DB). DB 0 stays empty: nothing shares a keyspace.
 PEERS: dict[str, tuple[str, int]] = {
     "apee": ("django-apee", 1),
+    "apee_wait": ("django-apee, COLD_MISS_WAIT", 7),
     "article": ("article algorithm", 2),
     "dogpile": ("dogpile.cache lock", 3),
     "django": ("Django RedisCache", 4),
     "django_redis": ("django-redis", 5),
     "herd": ("django-redis Herd", 6),
-    "apee_wait": ("django-apee, COLD_MISS_WAIT", 7),
 }
 SCENARIOS = ("cold", "hot", "long", "kill", "pause", "herd")
 #: The peers a scenario is for, when not all: ``herd`` is plain cache-aside
@@ -991,7 +991,11 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     server = RedisServer().start()
-    report: dict[str, Any] = {"config": vars(args) | {"json": None}, "scenarios": {}}
+    report: dict[str, Any] = {
+        "config": vars(args) | {"json": None},
+        "peers": {peer: PEERS[peer][0] for peer in peers},
+        "scenarios": {},
+    }
     began = time.monotonic()
     try:
         configure_django(scenario_config("cold", args) | {"port": server.port})

@@ -35,6 +35,16 @@ from django.conf import settings
 
 from tests.redis_server import RedisServer
 
+#: alias -> what it is, for tables and charts.
+LABELS = {
+    "django_redis": "django-redis (pickle)",
+    "django_redis_zlib": "django-redis + zlib",
+    "apee": "django-apee (pickle + zstd)",
+    "apee_msgpack": "django-apee, msgpack",
+    "apee_lz4": "django-apee, lz4",
+    "apee_uncompressed": "django-apee, uncompressed",
+}
+
 
 def json_like_dict(rng: random.Random, target: int = 10_000) -> dict:
     words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "zeta"]
@@ -173,7 +183,8 @@ def run(server: RedisServer, rounds: int, calls: int) -> dict:
         "apee_lz4",
         "apee_uncompressed",
     ]
-    report: dict = {"payloads": {}}
+    report: dict = {"labels": {alias: LABELS[alias] for alias in aliases}}
+    report["payloads"] = {}
     for name, value in payloads.items():
         entry: dict = {"bytes": {}, "latency_us": {}}
         samples: dict = {alias: {} for alias in aliases}
