@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             site.stop()  # its workers flush their counters as they exit
             site = None
         else:
-            time.sleep(1.5)  # one STATS_FLUSH_INTERVAL and a bit
+            time.sleep(2.5)  # two of the site's 1 s STATS_FLUSH_INTERVAL, and a bit
         say()
         say("manage.py apee_stats, after the django-apee run:")
         say(show_stats())
