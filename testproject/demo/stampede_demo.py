@@ -444,14 +444,18 @@ def plan_from(args: argparse.Namespace) -> Plan:
     return Plan(**{**asdict(plan), **changes})
 
 
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     plan = plan_from(args)
     if "REDIS_URL" not in os.environ:
         say("REDIS_URL is not set: scripts/demo starts a private redis-server.")
         return 2
-    # SIGTERM unwinds like Ctrl-C, so gunicorn is always stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # SIGTERM (scripts/demo's Ctrl-C) unwinds like Ctrl-C: gunicorn is stopped.
+    signal.signal(signal.SIGTERM, interrupt)
     counter = redis.Redis.from_url(os.environ["REDIS_URL"], socket_timeout=10)
     site = None
     try:
