@@ -87,7 +87,9 @@ def hbars(
     if target is not None:
         ax.axvline(target[0], color="black", linestyle="--", linewidth=1)
         if target[1]:
-            ax.text(target[0], -0.6, f" {target[1]}", fontsize=8, va="bottom")
+            ax.text(
+                target[0], len(names) - 0.5, f" {target[1]}", fontsize=8, va="bottom"
+            )
     for y, v in zip(ypos, numbers, strict=True):
         text = missing if v is None else label(v, unit)
         ax.text(0 if v is None else v, y, f" {text}", va="center", fontsize=9)
