@@ -193,21 +193,20 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
     async def aget(
         self, key: Any, default: Any = None, version: int | None = None
     ) -> Any:
-        """Django's ``aget``; with ``COLD_MISS_WAIT``, off the shared thread.
+        """Django's ``aget``, off ``sync_to_async``'s shared thread.
 
-        A cold-miss wait can block for up to ``COLD_MISS_WAIT`` seconds; on
-        the one thread that every ``thread_sensitive`` ``sync_to_async``
-        call shares, it would stall all of them (and their ORM calls).
+        A plain get may wait for another reader's computation of the key
+        (herd mode, ``COLD_MISS_WAIT``); on the one thread every
+        ``thread_sensitive`` call shares, that would stall all of them (and
+        their ORM calls).
         """
-        return await sync_to_async(
-            self.get, thread_sensitive=not self.apee.cold_miss_wait
-        )(key, default, version)
+        return await sync_to_async(self.get, thread_sensitive=False)(
+            key, default, version
+        )
 
     async def aget_many(self, keys: Any, version: int | None = None) -> Any:
         """Django's ``aget_many``, off the shared thread as ``aget`` is."""
-        return await sync_to_async(
-            self.get_many, thread_sensitive=not self.apee.cold_miss_wait
-        )(keys, version)
+        return await sync_to_async(self.get_many, thread_sensitive=False)(keys, version)
 
     async def aget_or_set_stampede_safe(
         self,

@@ -41,6 +41,17 @@ if TYPE_CHECKING:
     from django_apee.herd import Herd, Won
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ResponseError, OSError)
+
+
+#: In ``get_many``'s list of absent keys: whether a lease is held is not known.
+LEASE_UNKNOWN = -3
+
+
+def lease_key_of(made: str) -> str:
+    """The lease key of value key ``made`` (``get_many`` has a ``keys`` argument)."""
+    return keys.companion(made, keys.LEASE)
+
+
 #: "No value here", where ``None`` is a value.
 MISSING: Any = object()
 
@@ -152,6 +163,8 @@ class ApeeClientMixin:
         The PTTL tells each entry's age: past its hard timeout it is a miss
         (entries kept longer for ``stale_if_error`` outlive it in Redis),
         past its soft timeout herd mode may make it a miss for one reader.
+        An absent key whose lease is held is being computed: herd mode
+        waits for that write (``herd.Herd.wait_for``).
         """
         if client is None:
             client = self.get_client(write=False)  # type: ignore[attr-defined]
@@ -159,17 +172,19 @@ class ApeeClientMixin:
         if not by_made_key:
             return {}
         try:
-            flat = scripts.run(client, "get", keys=list(by_made_key), args=[])
+            made_keys = list(by_made_key)
+            leases = [lease_key_of(made) for made in made_keys]
+            flat = scripts.run(client, "get", keys=made_keys + leases, args=[])
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
         found: dict[Any, Any] = {}
-        absent: list[tuple[str, Any]] = []
+        absent: list[tuple[str, Any, int]] = []
         herd = self._backend.herd
         policy_ = self._backend.apee.policy
         for index, (made_key, key) in enumerate(by_made_key.items()):
-            raw, pttl = flat[2 * index], int(flat[2 * index + 1])
+            raw, pttl = flat[3 * index], int(flat[3 * index + 1])
             if not raw:
-                absent.append((made_key, key))
+                absent.append((made_key, key, int(flat[3 * index + 2])))
                 continue
             entry = self.decode_entry(raw)
             if entry is None:
@@ -185,6 +200,10 @@ class ApeeClientMixin:
                 rand=policy.xfetch_rand(meta, random.random()),
             )
             if not state.servable:
+                # Past its hard timeout, in its last millisecond or kept for
+                # stale_if_error: as good as absent, and quite possibly
+                # being recomputed (its lease was not read: look).
+                absent.append((made_key, key, LEASE_UNKNOWN))
                 continue
             # Entries get_or_set_stampede_safe wrote (they store their soft
             # timeout) are refreshed by its callers, in the background: a
@@ -200,7 +219,7 @@ class ApeeClientMixin:
             ):
                 continue
             found[key] = value
-        if absent and herd is not None and herd.cold_miss_wait:
+        if absent and herd is not None:
             landed = herd.wait_for(client, absent, self._servable)
             for made_key, value in landed.items():
                 found[by_made_key[made_key]] = value

@@ -83,6 +83,7 @@ class Herd:
         self.policy = options.policy
         self.stale = options.herd
         self.cold_miss_wait = options.cold_miss_wait
+        self.wait_timeout = options.wait_timeout
         self.exclude = options.herd_exclude
         self.hub = lease.wake_hub(
             str(backend._server), lambda: backend.client.get_client(write=True)
@@ -155,19 +156,31 @@ class Herd:
     def wait_for(
         self,
         client: Redis,
-        absent: list[tuple[str, Any]],
+        absent: list[tuple[str, Any, int]],
         servable: Callable[[bytes | None, int], Any],
     ) -> dict[str, Any]:
         """Values of absent keys that another reader's write delivered.
 
-        For each key: win its lease (this reader misses) or wait for the
-        winner's write; the whole call waits at most ``COLD_MISS_WAIT``.
-        ``servable(raw, pttl)`` decodes what was read, or returns
-        ``MISSING`` when that is not a value ``get`` may serve.
+        ``absent`` holds ``(made key, key, lease PTTL)``, the PTTL -3 when
+        unknown (a value read past its timeout). A key whose lease
+        is held is being computed (a herd winner whose value expired while
+        it worked, or ``get_or_set_stampede_safe``): wait for that write
+        rather than compute the value again. With ``COLD_MISS_WAIT``, every
+        absent key is leased: win it (this reader misses) or wait. The
+        whole call waits at most ``COLD_MISS_WAIT`` if set, else
+        ``WAIT_TIMEOUT``, and never past the lease's end plus a little. ``servable(raw,
+        pttl)`` decodes what was read, or returns ``MISSING`` when that is
+        not a value ``get`` may serve.
         """
-        deadline = time.monotonic() + self.cold_miss_wait
+        deadline = time.monotonic() + (self.cold_miss_wait or self.wait_timeout)
+        waiting = [
+            (made, key, deadline)
+            for made, key, lease_pttl in absent
+            # Being computed (or perhaps: expired just now), or cold-waiting.
+            if lease_pttl != -2 or self.cold_miss_wait
+        ]
         landed: dict[str, Any] = {}
-        for made, key in absent:
+        for made, key, deadline in waiting:
             if self.excluded(key) or self._absent.get(made, 0.0) > time.monotonic():
                 continue
             try:

@@ -23,9 +23,11 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
+from django_apee import lease
 from django_apee.envelope import Meta
 from django_apee.options import ApeeOptions
 from tests.test_stampede import (
+    Background,
     hold_lease,
     lease_key,
     made_key,
@@ -33,6 +35,7 @@ from tests.test_stampede import (
     run_threads,
     stored,
     wait_for,
+    write_entry,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -281,6 +284,63 @@ def test_plain_get_never_takes_the_lease_of_a_stampede_safe_entry(
 def test_bad_herd_options_are_refused(options):
     with pytest.raises(ImproperlyConfigured, match=next(iter(options))):
         ApeeOptions.from_params(options)
+
+
+def test_value_expiring_while_its_winner_computes_is_waited_for(make_cache, raw_redis):
+    # The winner's compute outlives the entry: readers in that gap find the
+    # key absent but leased, and wait for the write instead of computing.
+    _, cache = make_cache()
+    cache.set("page", "old", 100)
+    make_stale(cache, raw_redis, "page")
+    assert cache.get("page") is None  # the winner
+    raw_redis.delete(made_key(cache, "page"))  # expired meanwhile
+    reader = Background(lambda: cache.get("page"))
+    time.sleep(0.2)
+    assert reader.returned_at == 0.0  # still waiting
+    assert cache.set("page", "new", 100) is True
+    assert reader.join() == "new"
+
+
+def test_a_key_being_computed_by_the_stampede_path_is_waited_for(make_cache, raw_redis):
+    _, cache = make_cache()
+    holder = hold_lease(cache, "k", 5000)  # get_or_set_stampede_safe elsewhere
+    reader = Background(lambda: cache.get("k"))
+    time.sleep(0.2)
+    payload = cache.envelope.encode("computed", Meta(hard_ms=10_000))
+    assert lease.release(holder, payload, 10_000)
+    assert reader.join() == "computed"
+
+
+def test_a_value_past_its_timeout_being_recomputed_is_waited_for(make_cache, raw_redis):
+    # Kept for stale_if_error, past its hard timeout: absent for get, and
+    # its lease is held, so a plain reader waits for the recompute.
+    _, cache = make_cache()
+    write_entry(cache, raw_redis, "k", "old", Meta(900, 1000, 10_000, 50), px=5000)
+    holder = hold_lease(cache, "k", 5000)
+    reader = Background(lambda: cache.get("k"))
+    time.sleep(0.2)
+    assert reader.returned_at == 0.0
+    payload = cache.envelope.encode("new", Meta(hard_ms=10_000))
+    assert lease.release(holder, payload, 10_000)
+    assert reader.join() == "new"
+
+
+def test_wait_for_a_dead_holder_ends_with_its_lease(make_cache, raw_redis):
+    alias, cache = make_cache(LEASE_MIN=0.1)
+    raw_redis.set(lease_key(cache, "k"), "dead-holder", px=400)
+    started = time.monotonic()
+    assert cache.get("k") is None  # waited out the lease, then won it
+    assert 0.3 <= time.monotonic() - started < 3
+    assert raw_redis.get(lease_key(cache, "k")) not in (None, b"dead-holder")
+    assert metric(alias, "herd_misses") == 1
+
+
+def test_herd_off_never_waits(make_cache, raw_redis):
+    _, cache = make_cache(HERD=False)
+    hold_lease(cache, "k", 5000)
+    started = time.monotonic()
+    assert cache.get("k") is None
+    assert time.monotonic() - started < 0.5
 
 
 # -- cold misses ------------------------------------------------------------
