@@ -88,7 +88,7 @@ def measure(rounds: int, calls: int) -> dict:
 
 def counting_cost() -> dict:
     """What the counting itself costs per call, without Redis (ns)."""
-    from django_apee import metrics
+    from django_apee.observe import metrics
 
     hits = metrics.HITS.labels(cache="on")
     number = 200_000

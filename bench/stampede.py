@@ -448,7 +448,7 @@ def child_main(
         warm_key = f"warm:{pid}"
         call(warm_key, _warm_value)
         if cfg["peer"].startswith("apee"):
-            from django_apee import lease
+            from django_apee.store import lease
 
             for hub in list(lease._HUBS.values()):
                 hub.subscribed.wait(5.0)

@@ -13,7 +13,8 @@ class ApeeConfig(AppConfig):  # type: ignore[misc]
         from django.conf import settings
         from django.test.signals import setting_changed
 
-        from django_apee import checks, metrics
+        from django_apee import checks
+        from django_apee.observe import metrics
 
         checks.register()
         setting_changed.connect(_caches_changed, dispatch_uid="django_apee.metrics")
@@ -32,6 +33,6 @@ def apee_aliases(caches: dict[str, Any]) -> list[str]:
 
 def _caches_changed(*, setting: str, **kwargs: Any) -> None:
     if setting == "CACHES":
-        from django_apee import metrics
+        from django_apee.observe import metrics
 
         metrics.reset()

@@ -24,10 +24,11 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import ImproperlyConfigured
 from django_redis.cache import RedisCache, omit_exception
 
-from django_apee import herd, metrics, stampede
 from django_apee.client import client_class
-from django_apee.envelope import DecodeError, Envelope
-from django_apee.options import ApeeOptions
+from django_apee.conf import ApeeOptions
+from django_apee.core.envelope import DecodeError, Envelope
+from django_apee.engine import herd, stampede
+from django_apee.observe import metrics
 
 logger = logging.getLogger("django_apee")
 

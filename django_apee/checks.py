@@ -33,7 +33,7 @@ def _apee_caches() -> dict[str, dict[str, Any]]:
 def check_options(**kwargs: Any) -> list[checks.CheckMessage]:
     """apee.E001 bad OPTIONS; E002 unusable CLIENT_CLASS; E003 our own knobs."""
     from django_apee.client import client_class
-    from django_apee.options import ApeeOptions
+    from django_apee.conf import ApeeOptions
 
     errors: list[checks.CheckMessage] = []
     for alias, config in _apee_caches().items():
@@ -88,7 +88,7 @@ def check_redis(**kwargs: Any) -> list[checks.CheckMessage]:
 
 
 def _live(alias: str, config: dict[str, Any]) -> list[checks.CheckMessage]:
-    from django_apee import stats
+    from django_apee.observe import stats
 
     try:
         client = _client(config)

@@ -26,8 +26,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from django_apee import keys, metrics, policy, scripts
-from django_apee.envelope import DecodeError, Meta, is_raw_int, peek_meta
+from django_apee.core import keys, policy
+from django_apee.core.envelope import DecodeError, Meta, is_raw_int, peek_meta
+from django_apee.observe import metrics
+from django_apee.store import scripts
 
 #: Pub/sub channel on which lease changes wake waiters (``lease.py``).
 WAKE_CHANNEL = "django_apee:wake"
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from django_apee.cache import ApeeCache
-    from django_apee.herd import Herd, Won
+    from django_apee.engine.herd import Herd, Won
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ResponseError, OSError)
 

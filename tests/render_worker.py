@@ -61,7 +61,7 @@ def warm_up(alias: str) -> None:
     """Build the coordinator and subscribe to wake-ups before the release."""
     from django.core.cache import caches
 
-    from django_apee import stampede
+    from django_apee.engine import stampede
 
     cache = caches[alias]
     warm_key = f"warmup:{os.getpid()}"

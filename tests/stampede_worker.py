@@ -79,7 +79,8 @@ def main() -> None:
     from django.core.cache import caches
     from django.test.utils import override_settings
 
-    from django_apee import get_or_set_stampede_safe, stampede
+    from django_apee import get_or_set_stampede_safe
+    from django_apee.engine import stampede
 
     alias = spec["alias"]
     override_settings(CACHES={**settings.CACHES, alias: cache_config(spec)}).enable()

@@ -24,13 +24,16 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test.utils import override_settings
 
-from django_apee import checks, fleet, keys, lease, metrics, stats
-from django_apee.envelope import Meta
+from django_apee import checks
+from django_apee.core import keys
+from django_apee.core.envelope import Meta
+from django_apee.observe import metrics, stats
+from django_apee.store import fleet, lease
 from tests.redis_server import RedisServer, free_port
 
 APEE = "django_apee.cache.ApeeCache"
 SCHEMA = json.loads(
-    resources.files("django_apee").joinpath("stats.schema.json").read_text()
+    resources.files("django_apee.observe").joinpath("stats.schema.json").read_text()
 )
 # activedefrag stays off: Debian's build cannot enable it, and on a small
 # dataset the lint does not ask for it.

@@ -30,10 +30,10 @@ from django.core.cache import caches
 from django.core.handlers.asgi import ASGIHandler
 from django.test import override_settings
 
-from django_apee import lease
 from django_apee.cache import ApeeCache
-from django_apee.envelope import Meta
-from django_apee.stampede import coordinator
+from django_apee.core.envelope import Meta
+from django_apee.engine.stampede import coordinator
+from django_apee.store import lease
 from tests import views
 
 CALLERS = 64

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from django_apee.breaker import CircuitBreaker
+from django_apee.core.breaker import CircuitBreaker
 
 
 class FakeClock:

@@ -45,7 +45,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from django_apee.cache import ApeeCache
 from django_apee.client import ApeeClientMixin
-from django_apee.envelope import FORMAT_VERSION, MAGIC, UnserializableValueError
+from django_apee.core.envelope import FORMAT_VERSION, MAGIC, UnserializableValueError
 from tests.helpers_servers import (
     ProbedRedisServer,
     SentinelServer,

@@ -1,4 +1,4 @@
-"""Unit tests for ``django_apee.envelope``: pure, no Redis, no Django settings."""
+"""Unit tests for ``django_apee.core.envelope``: pure, no Redis, no Django settings."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from django.utils.safestring import SafeData, SafeString, mark_safe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from django_apee import envelope as envelope_module
-from django_apee.envelope import (
+from django_apee.core import envelope as envelope_module
+from django_apee.core.envelope import (
     DECODE_REASONS,
     FORMAT_VERSION,
     MAGIC,

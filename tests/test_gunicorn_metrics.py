@@ -24,7 +24,7 @@ import pytest
 from django.core.cache import caches
 from prometheus_client.parser import text_string_to_metric_families
 
-from django_apee import fleet
+from django_apee.store import fleet
 from tests.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent

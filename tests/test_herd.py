@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from django_apee import lease
-from django_apee.envelope import Meta
-from django_apee.options import ApeeOptions
+from django_apee.conf import ApeeOptions
+from django_apee.core.envelope import Meta
+from django_apee.store import lease
 from tests.test_stampede import (
     Background,
     hold_lease,

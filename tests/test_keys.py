@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from django_apee import keys
+from django_apee.core import keys
 
 key_text = st.text(alphabet=st.sampled_from("ab:{}|*1"), max_size=12) | st.text(
     max_size=40

@@ -25,9 +25,11 @@ from django.core.cache import caches
 from django.test.utils import override_settings
 from prometheus_client import REGISTRY
 
-from django_apee import fleet, keys, lease, metrics
 from django_apee.cache import ApeeCache
-from django_apee.envelope import Meta
+from django_apee.core import keys
+from django_apee.core.envelope import Meta
+from django_apee.observe import metrics
+from django_apee.store import fleet, lease
 from tests.redis_server import free_port
 
 APEE = "django_apee.cache.ApeeCache"

@@ -1,4 +1,4 @@
-"""Unit tests for ``django_apee.policy``: pure maths, no Redis, no clock."""
+"""Unit tests for ``django_apee.core.policy``: pure maths, no Redis, no clock."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from django_apee.envelope import Meta
-from django_apee.policy import (
+from django_apee.core.envelope import Meta
+from django_apee.core.policy import (
     WAIT_SLACK_MS,
     Policy,
     State,

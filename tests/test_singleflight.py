@@ -1,4 +1,4 @@
-"""Tests for ``django_apee.singleflight``: real threads and tasks, no Redis.
+"""Tests for ``django_apee.core.singleflight``: real threads and tasks, no Redis.
 
 Every wait in here is bounded, and ordering is forced with Events, Barriers
 and the public ``followers()`` counter rather than with sleeps.
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from django_apee.singleflight import (
+from django_apee.core.singleflight import (
     AsyncSingleFlight,
     LeaderAborted,
     Result,

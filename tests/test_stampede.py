@@ -29,10 +29,11 @@ from django.test import override_settings
 from prometheus_client import REGISTRY
 
 import django_apee
-from django_apee import keys, lease
 from django_apee.cache import ApeeCache
-from django_apee.envelope import Meta
-from django_apee.stampede import coordinator
+from django_apee.core import keys
+from django_apee.core.envelope import Meta
+from django_apee.engine.stampede import coordinator
+from django_apee.store import lease
 from tests.redis_server import RedisServer, free_port
 
 APEE = "django_apee.cache.ApeeCache"

@@ -32,8 +32,10 @@ from django.core.cache import caches
 from django.test import override_settings
 from prometheus_client import REGISTRY
 
-from django_apee import get_or_set_stampede_safe, keys, lease
+from django_apee import get_or_set_stampede_safe
 from django_apee.client import WAKE_CHANNEL
+from django_apee.core import keys
+from django_apee.store import lease
 from tests.children import Child
 from tests.redis_server import RedisServer
 

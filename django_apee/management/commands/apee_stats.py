@@ -1,8 +1,8 @@
 """``manage.py apee_stats``: a cache's Redis, its fleet counters, one key, a lint.
 
-Gathering lives in ``django_apee.stats``; this command picks the mode, loops
+Gathering lives in ``django_apee.observe.stats``; this command picks the mode, loops
 for ``--watch`` and formats (an aligned table, or JSON shaped as
-``django_apee/stats.schema.json``).
+``django_apee/observe/stats.schema.json``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_apee import stats
 from django_apee.apps import apee_aliases
+from django_apee.observe import stats
 
 #: Exit status when --check finds something (errors reaching Redis exit 1).
 FINDINGS_EXIT = 2

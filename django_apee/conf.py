@@ -13,7 +13,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
-from django_apee.policy import Policy
+from django_apee.core.policy import Policy
 
 CODECS = ("msgpack", "pickle")
 COMPRESSIONS = ("zstd", "lz4", "zlib", "none")

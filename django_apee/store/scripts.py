@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 @functools.cache
 def script(name: str) -> Script:
     """Return the ``Script`` for ``lua/<name>.lua`` (source kept as bytes)."""
-    source = resources.files("django_apee").joinpath(f"lua/{name}.lua").read_bytes()
+    source = (
+        resources.files("django_apee.store").joinpath(f"lua/{name}.lua").read_bytes()
+    )
     return Script(None, source)  # type: ignore[arg-type]  # bytes need no client
 
 

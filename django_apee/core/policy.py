@@ -9,7 +9,7 @@ reproducible from the numbers it saw.
 Time without clocks
 ===================
 An entry is stored with ``PX = hard_ms + grace_ms`` and carries its durations
-in the envelope's :class:`~django_apee.envelope.Meta`. A reader gets the value
+in the envelope's :class:`~django_apee.core.envelope.Meta`. A reader gets the value
 and the key's ``PTTL`` in one atomic round trip (a script or ``MULTI``), so::
 
     age_ms = hard_ms + grace_ms - pttl_ms
@@ -64,7 +64,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from django_apee.envelope import Meta
+from django_apee.core.envelope import Meta
 
 __all__ = [
     "WAIT_SLACK_MS",

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from django_apee import fleet, keys, lease, metrics, policy
-from django_apee.envelope import (
+from django_apee.core import keys, policy
+from django_apee.core.envelope import (
     _CODEC_MASK,
     _COMPRESSION_MASK,
     _COMPRESSION_SHIFT,
@@ -27,6 +27,8 @@ from django_apee.envelope import (
     DecodeError,
     peek_meta,
 )
+from django_apee.observe import metrics
+from django_apee.store import fleet, lease
 
 if TYPE_CHECKING:
     from redis import Redis

@@ -32,11 +32,17 @@ from typing import TYPE_CHECKING, Any
 
 from django_redis.exceptions import ConnectionInterrupted
 
-from django_apee import lease, metrics, policy
-from django_apee.breaker import CircuitBreaker
 from django_apee.client import REDIS_ERRORS, to_milliseconds
-from django_apee.envelope import Meta
-from django_apee.singleflight import LeaderAborted, SingleFlight, SingleFlightTimeout
+from django_apee.core import policy
+from django_apee.core.breaker import CircuitBreaker
+from django_apee.core.envelope import Meta
+from django_apee.core.singleflight import (
+    LeaderAborted,
+    SingleFlight,
+    SingleFlightTimeout,
+)
+from django_apee.observe import metrics
+from django_apee.store import lease
 
 if TYPE_CHECKING:
     from collections.abc import Callable

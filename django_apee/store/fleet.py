@@ -37,10 +37,10 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from django_apee import scripts
+from django_apee.store import scripts
 
 if TYPE_CHECKING:
-    from django_apee.lease import ProcessThread
+    from django_apee.store.lease import ProcessThread
 
 logger = logging.getLogger("django_apee")
 
@@ -99,7 +99,7 @@ class Tally:
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
-            from django_apee.lease import ProcessThread  # lease imports client
+            from django_apee.store.lease import ProcessThread  # lease imports client
 
             self._thread = ProcessThread(_flush_loop, "django-apee-stats")
         self._thread.ensure()

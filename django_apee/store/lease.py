@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from django_apee import keys, scripts
 from django_apee.client import WAKE_CHANNEL
-from django_apee.policy import renew_every_ms
+from django_apee.core import keys
+from django_apee.core.policy import renew_every_ms
+from django_apee.store import scripts
 
 if TYPE_CHECKING:
     from redis import Redis

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Histogram
 
-from django_apee import fleet
-from django_apee.envelope import DECODE_REASONS
+from django_apee.core.envelope import DECODE_REASONS
+from django_apee.store import fleet
 
 if TYPE_CHECKING:
     from django_apee.cache import ApeeCache

@@ -41,14 +41,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from django_apee import lease, metrics, policy
 from django_apee.client import MISSING, REDIS_ERRORS
+from django_apee.core import policy
+from django_apee.observe import metrics
+from django_apee.store import lease
 
 if TYPE_CHECKING:
     from redis import Redis
 
     from django_apee.cache import ApeeCache
-    from django_apee.envelope import Meta
+    from django_apee.core.envelope import Meta
 
 #: How long this process remembers a lease it won, waiting for its write.
 #: Past the lease's own end the write still lands only if the entry is

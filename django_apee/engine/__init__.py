@@ -1,0 +1,1 @@
+"""Stampede-safe computation and herd mode, over the store's small protocol."""

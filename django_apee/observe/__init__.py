@@ -1,0 +1,1 @@
+"""Metrics, rate-limited logs and the statistics ``apee_stats`` formats."""

@@ -1,0 +1,1 @@
+"""Redis I/O without Django: the Lua scripts, leases, wake-ups, fleet counters."""
