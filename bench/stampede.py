@@ -448,10 +448,9 @@ def child_main(
         warm_key = f"warm:{pid}"
         call(warm_key, _warm_value)
         if cfg["peer"].startswith("apee"):
-            from django_apee.store import lease
+            from django.core.cache import caches
 
-            for hub in list(lease._HUBS.values()):
-                hub.subscribed.wait(5.0)
+            caches[cfg["peer"]].runtime.hub.subscribed.wait(5.0)
         records: list[list] = [[] for _ in range(cfg["threads"])]
         errors: dict[str, str] = {}
         threads = [

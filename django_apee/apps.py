@@ -14,25 +14,38 @@ class ApeeConfig(AppConfig):  # type: ignore[misc]
         from django.test.signals import setting_changed
 
         from django_apee import checks
+        from django_apee.conf import apee_aliases, parse
         from django_apee.observe import metrics
 
         checks.register()
         setting_changed.connect(_caches_changed, dispatch_uid="django_apee.metrics")
+        metrics.use_django_prometheus(django_prometheus_counters())
         for alias in apee_aliases(settings.CACHES):
+            options, _ = parse(settings.CACHES[alias].get("OPTIONS") or {})
+            metrics.configure(alias, enabled=options.metrics)
             metrics.initialise(alias)
-
-
-def apee_aliases(caches: dict[str, Any]) -> list[str]:
-    """The CACHES aliases whose BACKEND is ApeeCache (by dotted path)."""
-    return [
-        alias
-        for alias, config in caches.items()
-        if str(config.get("BACKEND", "")).startswith("django_apee.")
-    ]
 
 
 def _caches_changed(*, setting: str, **kwargs: Any) -> None:
     if setting == "CACHES":
-        from django_apee.observe import metrics
+        from django_apee import runtime
 
-        metrics.reset()
+        runtime.forget_all()
+
+
+def django_prometheus_counters() -> tuple[Any, Any, Any] | None:
+    """django-prometheus's own get/hit/miss counters, if it is installed.
+
+    Its module defines them on the default registry; reusing its objects
+    (rather than registering the same names again) lets dashboards built on
+    ``django_cache_get_*`` keep working after the swap.
+    """
+    try:
+        from django_prometheus.cache import metrics as theirs
+    except ImportError:
+        return None
+    return (
+        theirs.django_cache_get_total,
+        theirs.django_cache_hits_total,
+        theirs.django_cache_misses_total,
+    )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -23,25 +22,29 @@ from django.conf import settings
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import ImproperlyConfigured
 from django_redis.cache import RedisCache, omit_exception
+from django_redis.exceptions import ConnectionInterrupted
 
+from django_apee import runtime
 from django_apee.client import client_class
 from django_apee.conf import ApeeOptions
+from django_apee.core import MISSING
 from django_apee.core.envelope import DecodeError, Envelope
-from django_apee.engine import herd, stampede
-from django_apee.observe import metrics
+from django_apee.engine.stampede import Call, make_spec
+from django_apee.observe.logs import RateLimitedLog
+from django_apee.store.errors import REDIS_ERRORS
 
 logger = logging.getLogger("django_apee")
 
 #: One limiter for the process: Django builds a backend per thread, and a
 #: corrupt hot key is read by all of them.
-DECODE_LOG = metrics.RateLimitedLog(logger, per_seconds=60.0)
+DECODE_LOG = RateLimitedLog(logger, per_seconds=60.0)
 
 
 def signing_keys() -> list[bytes]:
-    """Keys for the signed-pickle fallback: SECRET_KEY first, then fallbacks.
+    """Keys for signed values: SECRET_KEY first, then its fallbacks.
 
-    Derived (not used raw) so the HMAC key is specific to this purpose; the
-    fallbacks let a SECRET_KEY rotation keep reading what is already cached.
+    The fallbacks let a SECRET_KEY rotation keep reading what is already
+    cached.
     """
     secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ())]
     return [
@@ -73,8 +76,8 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
         super().__init__(server, params)
         self._client_cls = client_cls
         self._envelope: Envelope | None = None
+        self._alias: str | None = None
         self.legacy_reads = self.apee.legacy_reads
-        self._herd: tuple[int, herd.Herd] | None = None
 
     @property
     def client(self) -> Any:
@@ -98,23 +101,22 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
         return self._envelope
 
     @property
-    def herd(self) -> herd.Herd | None:
-        """This process's herd-mode state for the alias; None when switched off."""
-        if not (self.apee.herd or self.apee.cold_miss_wait):
-            return None
-        pid = os.getpid()
-        if self._herd is None or self._herd[0] != pid:
-            self._herd = (pid, herd.herd_for(self))
-        return self._herd[1]
+    def runtime(self) -> runtime.Runtime:
+        """This process's engine for the alias (see ``runtime.py``)."""
+        if self.config_error is not None:
+            raise self.config_error
+        return runtime.runtime_of(self)
 
     @property
     def alias(self) -> str:
         """This backend's name in ``CACHES``, for metric labels and logs."""
-        return metrics.alias_of(self)
+        if self._alias is None:
+            self._alias = runtime.alias_of(self)
+        return self._alias
 
     def report_decode_error(self, error: DecodeError) -> None:
         """Count an unreadable value and log it, at most once a minute a reason."""
-        metrics.SERIALIZATION_ERRORS.labels(cache=self.alias, reason=error.reason).inc()
+        self.runtime.events.unreadable(error.reason)
         DECODE_LOG.warning(
             f"{self.alias}:{error.reason}",
             "django_apee: unreadable cache value treated as a miss (%s): %s",
@@ -177,9 +179,18 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
         """
         if timeout is DEFAULT_TIMEOUT:
             timeout = self.default_timeout
-        return stampede.get_or_set_stampede_safe(
-            self, key, default, timeout, soft_timeout, stale_if_error, version
-        )
+        compute = default if callable(default) else (lambda: default)
+        if timeout is not None and timeout <= 0:
+            # Django's get_or_set returns a value already cached, and only a
+            # computed one is not stored (a timeout of 0 or less stores nothing).
+            try:
+                found = self.client.get(key, MISSING, version=version)
+            except (ConnectionInterrupted, *REDIS_ERRORS):
+                found = MISSING
+            return compute() if found is MISSING else found
+        made = self.client.make_key(key, version=version)  # Django's key checks
+        spec = make_spec(timeout, soft_timeout, stale_if_error, self.apee.policy)
+        return self.runtime.coordinator.get_or_set(Call(made, compute, spec))
 
     def get_or_set(
         self,

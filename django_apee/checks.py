@@ -15,6 +15,9 @@ from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
+from django_apee.client import client_class
+from django_apee.conf import apee_aliases, parse
+
 #: Socket timeouts of the live checks' own connection, in seconds.
 LIVE_TIMEOUT = 1.0
 
@@ -25,57 +28,30 @@ def register() -> None:
 
 
 def _apee_caches() -> dict[str, dict[str, Any]]:
-    from django_apee.apps import apee_aliases
-
     return {alias: settings.CACHES[alias] for alias in apee_aliases(settings.CACHES)}
 
 
 def check_options(**kwargs: Any) -> list[checks.CheckMessage]:
-    """apee.E001 bad OPTIONS; E002 unusable CLIENT_CLASS; E003 our own knobs."""
-    from django_apee.client import client_class
-    from django_apee.conf import ApeeOptions
+    """Everything ``conf.parse`` finds, and an unusable CLIENT_CLASS.
 
-    errors: list[checks.CheckMessage] = []
+    apee.E001 a bad value; E002 an unusable CLIENT_CLASS; E003 a bad METRICS
+    or STATS_FLUSH_INTERVAL; E004 Django's ``serializer``, which cannot
+    apply; W003 a key nobody reads (with the closest valid name).
+    """
+    found: list[checks.CheckMessage] = []
     for alias, config in _apee_caches().items():
-        options = config.get("OPTIONS") or {}
-        try:
-            parsed = ApeeOptions.from_params(options)
-        except ImproperlyConfigured as error:
-            errors.append(checks.Error(str(error), obj=alias, id="apee.E001"))
+        parsed, problems = parse(config.get("OPTIONS") or {})
+        for problem in problems:
+            kind = checks.Error if problem.is_error else checks.Warning
+            found.append(
+                kind(problem.message, hint=problem.hint, obj=alias, id=problem.id)
+            )
+        if any(problem.id == "apee.E001" for problem in problems):
             continue
         try:
             client_class(parsed.client_class)
         except (ImproperlyConfigured, ImportError) as error:
-            errors.append(checks.Error(str(error), obj=alias, id="apee.E002"))
-        errors += _metrics_options(alias, options)
-    return errors
-
-
-def _metrics_options(alias: str, options: dict[str, Any]) -> list[checks.CheckMessage]:
-    found = []
-    if not isinstance(options.get("METRICS", True), bool):
-        found.append(
-            checks.Error(
-                f"CACHES OPTIONS['METRICS'] must be True or False, "
-                f"got {options['METRICS']!r}.",
-                obj=alias,
-                id="apee.E003",
-            )
-        )
-    interval = options.get("STATS_FLUSH_INTERVAL", 5.0)
-    if (
-        isinstance(interval, bool)
-        or not isinstance(interval, (int, float))
-        or (interval <= 0)
-    ):
-        found.append(
-            checks.Error(
-                "CACHES OPTIONS['STATS_FLUSH_INTERVAL'] must be a number of "
-                f"seconds > 0, got {interval!r}.",
-                obj=alias,
-                id="apee.E003",
-            )
-        )
+            found.append(checks.Error(str(error), obj=alias, id="apee.E002"))
     return found
 
 

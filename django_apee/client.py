@@ -10,7 +10,6 @@ places where django-redis departs from Django's documented cache contract.
 from __future__ import annotations
 
 import functools
-import math
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,17 +21,16 @@ from django_redis.client import DefaultClient
 from django_redis.exceptions import ConnectionInterrupted
 from django_redis.util import CacheKey
 from redis.client import Pipeline
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from django_apee.core import keys, policy
+from django_apee.core import MISSING, policy, to_milliseconds
 from django_apee.core.envelope import DecodeError, Meta, is_raw_int, peek_meta
+from django_apee.core.keys import LEASE, companion
+from django_apee.engine.herd import Row
 from django_apee.observe import metrics
 from django_apee.store import scripts
-
-#: Pub/sub channel on which lease changes wake waiters (``lease.py``).
-WAKE_CHANNEL = "django_apee:wake"
+from django_apee.store.errors import REDIS_ERRORS
+from django_apee.store.wake import WAKE_CHANNEL
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -40,31 +38,7 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from django_apee.cache import ApeeCache
-    from django_apee.engine.herd import Herd, Won
-
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, ResponseError, OSError)
-
-
-#: In ``get_many``'s list of absent keys: whether a lease is held is not known.
-LEASE_UNKNOWN = -3
-
-
-def lease_key_of(made: str) -> str:
-    """The lease key of value key ``made`` (``get_many`` has a ``keys`` argument)."""
-    return keys.companion(made, keys.LEASE)
-
-
-#: "No value here", where ``None`` is a value.
-MISSING: Any = object()
-
-
-def to_milliseconds(timeout: float) -> int:
-    """Convert a positive timeout in seconds to whole milliseconds.
-
-    A positive timeout shorter than a millisecond still stores the value for a
-    millisecond: Django promises that only ``timeout <= 0`` expires at once.
-    """
-    return max(1, math.ceil(timeout * 1000))
+    from django_apee.engine.herd import Claim, Herd
 
 
 class ApeeClientMixin:
@@ -173,73 +147,22 @@ class ApeeClientMixin:
         by_made_key = {self.make_key(key, version=version): key for key in keys}
         if not by_made_key:
             return {}
+        made_keys = list(by_made_key)
         try:
-            made_keys = list(by_made_key)
-            leases = [lease_key_of(made) for made in made_keys]
+            leases = [companion(made, LEASE) for made in made_keys]
             flat = scripts.run(client, "get", keys=made_keys + leases, args=[])
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
-        found: dict[Any, Any] = {}
-        absent: list[tuple[str, Any, int]] = []
-        herd = self._backend.herd
-        policy_ = self._backend.apee.policy
-        for index, (made_key, key) in enumerate(by_made_key.items()):
-            raw, pttl = flat[3 * index], int(flat[3 * index + 1])
-            if not raw:
-                absent.append((made_key, key, int(flat[3 * index + 2])))
-                continue
-            entry = self.decode_entry(raw)
-            if entry is None:
-                continue
-            value, meta = entry
-            if meta is None:
-                found[key] = value
-                continue
-            state = policy.state(
-                meta,
-                pttl,
-                policy=policy_,
-                rand=policy.xfetch_rand(meta, random.random()),
-            )
-            if not state.servable:
-                # Past its hard timeout, in its last millisecond or kept for
-                # stale_if_error: as good as absent, and quite possibly
-                # being recomputed (its lease was not read: look).
-                absent.append((made_key, key, LEASE_UNKNOWN))
-                continue
-            # Entries get_or_set_stampede_safe wrote (they store their soft
-            # timeout) are refreshed by its callers, in the background: a
-            # plain get serves them up to their timeout. Herd mode is for
-            # what plain set wrote.
-            if (
-                state is not policy.State.FRESH
-                and meta.soft_ms == 0
-                and herd is not None
-                and herd.stale
-                and not herd.excluded(key)
-                and herd.contend(client, made_key, raw, meta, pttl)
-            ):
-                continue
-            found[key] = value
-        if absent and herd is not None:
-            landed = herd.wait_for(client, absent, self._servable)
-            for made_key, value in landed.items():
-                found[by_made_key[made_key]] = value
+        rows = [
+            Row(made, by_made_key[made], flat[3 * i], int(flat[3 * i + 1]),
+                int(flat[3 * i + 2]))
+            for i, made in enumerate(made_keys)
+        ]  # fmt: skip
+        found = self._backend.runtime.herd.read(rows)
         metrics.count_gets(
             self._backend.alias, len(found), len(by_made_key) - len(found)
         )
         return found
-
-    def _servable(self, raw: bytes | None, pttl: int) -> Any:
-        """What ``get`` would return for ``raw`` read with ``pttl``, or MISSING."""
-        if raw is None:
-            return MISSING
-        entry = self.decode_entry(raw)
-        if entry is None:
-            return MISSING
-        value, meta = entry
-        state = policy.state(meta, pttl, policy=self._backend.apee.policy, rand=0.0)
-        return value if state.servable else MISSING
 
     def set(
         self,
@@ -265,8 +188,8 @@ class ApeeClientMixin:
         px = None if timeout is None else to_milliseconds(timeout)
         if client is None:
             client = self.get_client(write=True)  # type: ignore[attr-defined]
-        herd = self._backend.herd
-        if herd is not None and (won := herd.claim(made)) is not None:
+        herd = self._backend.runtime.herd
+        if (won := herd.claim(made)) is not None:
             return self._herd_set(client, made, value, px, herd, won)
         # The hard timeout lets readers tell the entry's age from its PTTL;
         # the soft one is the reader's rule (SOFT_TIMEOUT_RATIO), not stored.
@@ -276,7 +199,7 @@ class ApeeClientMixin:
             stored = scripts.run(
                 client,
                 "set",
-                keys=[made, keys.companion(made, keys.LEASE)],
+                keys=[made, companion(made, LEASE)],
                 args=[encoded, "" if px is None else px, mode, WAKE_CHANNEL],
             )
             return bool(stored)
@@ -290,7 +213,7 @@ class ApeeClientMixin:
         value: Any,
         px: int | None,
         herd: Herd,
-        won: Won,
+        won: Claim,
     ) -> bool:
         """The write of a reader that won ``made``'s lease from a get: fenced.
 
@@ -334,8 +257,8 @@ class ApeeClientMixin:
         made = self.make_key(key, version=version)
         if client is None:
             client = self.get_client(write=True)  # type: ignore[attr-defined]
-        herd = self._backend.herd
-        if herd is not None and (won := herd.claim(made)) is not None:
+        herd = self._backend.runtime.herd
+        if (won := herd.claim(made)) is not None:
             herd.release_quietly(won.lease)  # the write that would end it is none
         try:
             if nx:
@@ -469,7 +392,7 @@ class ApeeClientMixin:
         return scripts.run(
             client,
             "delete",
-            keys=[made, keys.companion(made, keys.LEASE)],
+            keys=[made, companion(made, LEASE)],
             args=[WAKE_CHANNEL],
         )
 

@@ -1,27 +1,39 @@
-"""django-apee's OPTIONS: names, defaults, validation (pure).
+"""django-apee's OPTIONS: every name, default and rule, parsed once here.
 
 Every knob lives in ``CACHES[alias]["OPTIONS"]`` beside django-redis's own
 keys, which pass through untouched. Names do not collide with django-redis's
 (``COMPRESSOR`` and ``SERIALIZER`` stay django-redis's, used only to read old
 values when ``LEGACY_READS`` is on).
+
+Parsing collects every problem instead of stopping at the first, so
+``manage.py check`` reports them all at once (``checks.py`` turns each
+:class:`Problem` into a message with its id); the backend raises the first
+error at its first use.
+
+Django's own ``RedisCache`` takes lower-case OPTIONS and hands them to
+redis-py's connection pool. Swapping it for ApeeCache keeps them working:
+``pool_class`` becomes django-redis's ``CONNECTION_POOL_CLASS``,
+``parser_class`` its ``PARSER_CLASS``, and every other lower-case key (``db``,
+``health_check_interval``...) goes to ``CONNECTION_POOL_KWARGS``. Only
+``serializer`` cannot be honoured (the envelope is the format): an error.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
 from django_apee.core.policy import Policy
+from django_apee.engine.protocol import Tuning
 
 CODECS = ("msgpack", "pickle")
 COMPRESSIONS = ("zstd", "lz4", "zlib", "none")
 REFRESH_MODES = ("background", "inline")
 
-#: Socket timeouts applied when the user sets none. redis-py waits forever by
-#: default, so a frozen Redis would freeze every request; these bound each
-#: command. Set either to ``None`` explicitly to get redis-py's behaviour back.
 #: Keys (Django's, before KEY_PREFIX and version) that never get a herd miss:
 #: the cache is the only copy of a session, so an early miss would log the
 #: user out; a page's cache-header key is rewritten with the page it
@@ -32,32 +44,111 @@ HERD_EXCLUDE_DEFAULT = (
     "views.decorators.cache.cache_header.",
 )
 
+#: Socket timeouts applied when the user sets none. redis-py waits forever by
+#: default, so a frozen Redis would freeze every request; these bound each
+#: command. Set either to ``None`` explicitly to get redis-py's behaviour back.
 DEFAULT_SOCKET_CONNECT_TIMEOUT = 1.0
 DEFAULT_SOCKET_TIMEOUT = 2.0
+DEFAULT_STATS_FLUSH_INTERVAL = 5.0
+
+#: Our OPTIONS.
+APEE_OPTIONS = frozenset(
+    {
+        "ALLOW_PICKLE", "BREAKER_COOLDOWN", "BREAKER_THRESHOLD", "CODEC",
+        "COLD_MISS_WAIT", "COMPRESSION", "COMPRESS_LEVEL", "COMPRESS_MIN_BYTES",
+        "HERD", "HERD_EXCLUDE", "LEASE_MAX", "LEASE_MIN", "LEASE_TIMEOUT",
+        "LEGACY_READS", "METRICS", "REFRESH", "REFRESH_WORKERS",
+        "SOFT_TIMEOUT_RATIO", "STATS_FLUSH_INTERVAL", "WAIT_TIMEOUT",
+        "XFETCH_BETA",
+    }
+)  # fmt: skip
+#: django-redis's OPTIONS (7.x), passed through to it.
+DJANGO_REDIS_OPTIONS = frozenset(
+    {
+        "CLIENT_CLASS", "CLOSE_CONNECTION", "COMPRESSOR", "CONNECTION_FACTORY",
+        "CONNECTION_POOL_CLASS", "CONNECTION_POOL_KWARGS", "IGNORE_EXCEPTIONS",
+        "PARSER_CLASS", "PASSWORD", "PICKLE_VERSION", "REDIS_CLIENT_CLASS",
+        "REDIS_CLIENT_KWARGS", "REPLICA_READ_ONLY", "SENTINELS",
+        "SENTINEL_KWARGS", "SERIALIZER", "SOCKET_CONNECT_TIMEOUT",
+        "SOCKET_TIMEOUT", "USERNAME",
+    }
+)  # fmt: skip
+KNOWN_OPTIONS = APEE_OPTIONS | DJANGO_REDIS_OPTIONS
+#: Django's RedisCache lower-case OPTIONS with a django-redis name.
+DJANGO_RENAMED = {"pool_class": "CONNECTION_POOL_CLASS", "parser_class": "PARSER_CLASS"}
 
 
-def _number(
-    options: dict[str, Any], name: str, default: float, minimum: float
-) -> float:
-    value = options.get(name, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or value < minimum
-    ):
-        raise ImproperlyConfigured(
-            f"CACHES OPTIONS[{name!r}] must be a number >= {minimum}, got {value!r}."
-        )
-    return value
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an alias's OPTIONS, as a system check reports it."""
+
+    id: str
+    message: str
+    hint: str | None = None
+
+    @property
+    def is_error(self) -> bool:
+        return ".E" in self.id
 
 
-def _flag(options: dict[str, Any], name: str, default: bool) -> bool:
-    value = options.get(name, default)
-    if not isinstance(value, bool):
-        raise ImproperlyConfigured(
-            f"CACHES OPTIONS[{name!r}] must be True or False, got {value!r}."
-        )
-    return value
+class _Reader:
+    """Reads OPTIONS, recording each problem and answering the default."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+        self.problems: list[Problem] = []
+
+    def fail(self, message: str, check: str = "apee.E001") -> None:
+        self.problems.append(Problem(check, f"CACHES OPTIONS{message}"))
+
+    def number(
+        self, name: str, default: float, minimum: float, check: str = "apee.E001"
+    ) -> float:
+        value = self.options.get(name, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or value < minimum
+        ):
+            self.fail(
+                f"[{name!r}] must be a number >= {minimum}, got {value!r}.", check
+            )
+            return default
+        return value
+
+    def positive(self, name: str, default: float, check: str) -> float:
+        value = self.options.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            self.fail(
+                f"[{name!r}] must be a number of seconds > 0, got {value!r}.", check
+            )
+            return default
+        return float(value)
+
+    def flag(self, name: str, default: bool, check: str = "apee.E001") -> bool:
+        value = self.options.get(name, default)
+        if not isinstance(value, bool):
+            self.fail(f"[{name!r}] must be True or False, got {value!r}.", check)
+            return default
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.options.get(name, default)
+        if value not in allowed:
+            self.fail(f"[{name!r}] must be one of {allowed}, got {value!r}.")
+            return default
+        return str(value)
+
+    def prefixes(self, name: str) -> tuple[str, ...]:
+        value = self.options.get(name, ())
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(prefix, str) for prefix in value
+        ):
+            self.fail(
+                f"[{name!r}] must be a list of key prefixes (str), got {value!r}."
+            )
+            return ()
+        return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -71,116 +162,163 @@ class ApeeOptions:
     compress_level: int | None
     allow_pickle: bool
     legacy_reads: bool
+    metrics: bool
+    stats_flush_interval: float
+    #: What goes to django-redis: its own keys, our defaults, Django's renamed.
     redis_options: dict[str, Any]
-    policy: Policy
-    wait_timeout: float
-    refresh: str
-    refresh_workers: int
-    breaker_threshold: int
-    breaker_cooldown: float
-    herd: bool
-    herd_exclude: tuple[str, ...]
-    cold_miss_wait: float
+    tuning: Tuning
+    #: Says what per-process state built from these options depends on.
+    fingerprint: str
+
+    @property
+    def policy(self) -> Policy:
+        return self.tuning.policy
 
     @classmethod
     def from_params(cls, options: dict[str, Any]) -> ApeeOptions:
-        """Validate ``options``; raise ImproperlyConfigured naming the bad key."""
-        allow_pickle = _flag(options, "ALLOW_PICKLE", True)
-        codec = options.get("CODEC", "pickle" if allow_pickle else "msgpack")
-        if codec not in CODECS:
-            raise ImproperlyConfigured(
-                f"CACHES OPTIONS['CODEC'] must be one of {CODECS}, got {codec!r}."
-            )
-        if codec == "pickle" and not allow_pickle:
-            raise ImproperlyConfigured(
-                "CACHES OPTIONS['CODEC'] 'pickle' contradicts 'ALLOW_PICKLE': False; "
-                "use CODEC 'msgpack' (the default when pickle is not allowed)."
-            )
-        compression = options.get("COMPRESSION", "zstd")
-        if compression not in COMPRESSIONS:
-            raise ImproperlyConfigured(
-                f"CACHES OPTIONS['COMPRESSION'] must be one of {COMPRESSIONS}, "
-                f"got {compression!r}."
-            )
-        level = options.get("COMPRESS_LEVEL")
-        if level is not None and (
-            isinstance(level, bool) or not isinstance(level, int)
-        ):
-            raise ImproperlyConfigured(
-                "CACHES OPTIONS['COMPRESS_LEVEL'] must be an int or None, "
-                f"got {level!r}."
-            )
-        redis_options = dict(options)
-        redis_options.setdefault(
-            "SOCKET_CONNECT_TIMEOUT", DEFAULT_SOCKET_CONNECT_TIMEOUT
-        )
-        redis_options.setdefault("SOCKET_TIMEOUT", DEFAULT_SOCKET_TIMEOUT)
-        # django-redis drops falsy timeouts, so redis-py's own default would
-        # apply; an explicit None must reach the pool to mean "no timeout".
-        pool_kwargs = dict(redis_options.get("CONNECTION_POOL_KWARGS") or {})
-        for option, kwarg in (
-            ("SOCKET_TIMEOUT", "socket_timeout"),
-            ("SOCKET_CONNECT_TIMEOUT", "socket_connect_timeout"),
-        ):
-            if redis_options[option] is None:
-                pool_kwargs.setdefault(kwarg, None)
-        if pool_kwargs:
-            redis_options["CONNECTION_POOL_KWARGS"] = pool_kwargs
-        return cls(
-            client_class=options.get(
-                "CLIENT_CLASS", "django_redis.client.DefaultClient"
-            ),
-            codec=codec,
-            compression=compression,
-            compress_min_bytes=int(_number(options, "COMPRESS_MIN_BYTES", 1024, 0)),
-            compress_level=level,
-            allow_pickle=allow_pickle,
-            legacy_reads=_flag(options, "LEGACY_READS", False),
-            redis_options=redis_options,
-            policy=_policy(options),
-            wait_timeout=_number(options, "WAIT_TIMEOUT", 10.0, 0.001),
-            refresh=_choice(options, "REFRESH", "background", REFRESH_MODES),
-            refresh_workers=int(_number(options, "REFRESH_WORKERS", 4, 1)),
-            breaker_threshold=int(_number(options, "BREAKER_THRESHOLD", 3, 1)),
-            breaker_cooldown=_number(options, "BREAKER_COOLDOWN", 1.0, 0.001),
-            herd=_flag(options, "HERD", True),
-            herd_exclude=HERD_EXCLUDE_DEFAULT + _prefixes(options, "HERD_EXCLUDE"),
-            cold_miss_wait=_number(options, "COLD_MISS_WAIT", 0.0, 0),
-        )
+        """Parse ``options``; raise ImproperlyConfigured naming the first bad key."""
+        parsed, problems = parse(options)
+        errors = [problem for problem in problems if problem.is_error]
+        if errors:
+            raise ImproperlyConfigured(errors[0].message)
+        return parsed
 
 
-def _prefixes(options: dict[str, Any], name: str) -> tuple[str, ...]:
-    value = options.get(name, ())
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(prefix, str) for prefix in value
+def parse(options: dict[str, Any]) -> tuple[ApeeOptions, list[Problem]]:
+    """The options (defaults where a value is bad) and every problem found."""
+    read = _Reader(options)
+    allow_pickle = read.flag("ALLOW_PICKLE", True)
+    codec = read.choice("CODEC", "pickle" if allow_pickle else "msgpack", CODECS)
+    if codec == "pickle" and not allow_pickle:
+        read.fail(
+            "['CODEC'] 'pickle' contradicts 'ALLOW_PICKLE': False; use CODEC "
+            "'msgpack' (the default when pickle is not allowed)."
+        )
+        codec = "msgpack"
+    level = options.get("COMPRESS_LEVEL")
+    if level is not None and (isinstance(level, bool) or not isinstance(level, int)):
+        read.fail(f"['COMPRESS_LEVEL'] must be an int or None, got {level!r}.")
+        level = None
+    parsed = ApeeOptions(
+        client_class=options.get("CLIENT_CLASS", "django_redis.client.DefaultClient"),
+        codec=codec,
+        compression=read.choice("COMPRESSION", "zstd", COMPRESSIONS),
+        compress_min_bytes=int(read.number("COMPRESS_MIN_BYTES", 1024, 0)),
+        compress_level=level,
+        allow_pickle=allow_pickle,
+        legacy_reads=read.flag("LEGACY_READS", False),
+        metrics=read.flag("METRICS", True, check="apee.E003"),
+        stats_flush_interval=read.positive(
+            "STATS_FLUSH_INTERVAL", DEFAULT_STATS_FLUSH_INTERVAL, check="apee.E003"
+        ),
+        redis_options=_redis_options(options, read),
+        tuning=_tuning(read),
+        fingerprint=fingerprint(options),
+    )
+    _unknown(options, read)
+    return parsed, read.problems
+
+
+def fingerprint(options: dict[str, Any]) -> str:
+    """A short digest of ``options``: equal options, equal fingerprints."""
+    text = repr(sorted((str(k), repr(v)) for k, v in options.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _redis_options(options: dict[str, Any], read: _Reader) -> dict[str, Any]:
+    """django-redis's OPTIONS: ours dropped, defaults added, Django's translated."""
+    redis_options = {k: v for k, v in options.items() if not k.islower()}
+    redis_options.setdefault("SOCKET_CONNECT_TIMEOUT", DEFAULT_SOCKET_CONNECT_TIMEOUT)
+    redis_options.setdefault("SOCKET_TIMEOUT", DEFAULT_SOCKET_TIMEOUT)
+    pool_kwargs = dict(redis_options.get("CONNECTION_POOL_KWARGS") or {})
+    for name, value in options.items():
+        if not name.islower():
+            continue
+        if name == "serializer":
+            read.fail(
+                "['serializer'] is Django's RedisCache option and cannot apply: "
+                "ApeeCache stores its own envelope. Use 'CODEC' (and "
+                "'ALLOW_PICKLE') instead.",
+                check="apee.E004",
+            )
+        elif name in DJANGO_RENAMED:
+            redis_options.setdefault(DJANGO_RENAMED[name], _dotted(value))
+        else:
+            pool_kwargs.setdefault(name, value)
+    # django-redis drops falsy timeouts, so redis-py's own default would
+    # apply; an explicit None must reach the pool to mean "no timeout".
+    for option, kwarg in (
+        ("SOCKET_TIMEOUT", "socket_timeout"),
+        ("SOCKET_CONNECT_TIMEOUT", "socket_connect_timeout"),
     ):
-        raise ImproperlyConfigured(
-            f"CACHES OPTIONS[{name!r}] must be a list of key prefixes (str), "
-            f"got {value!r}."
-        )
-    return tuple(value)
+        if redis_options[option] is None:
+            pool_kwargs.setdefault(kwarg, None)
+    if pool_kwargs:
+        redis_options["CONNECTION_POOL_KWARGS"] = pool_kwargs
+    return redis_options
 
 
-def _choice(
-    options: dict[str, Any], name: str, default: str, allowed: tuple[str, ...]
-) -> str:
-    value = options.get(name, default)
-    if value not in allowed:
-        raise ImproperlyConfigured(
-            f"CACHES OPTIONS[{name!r}] must be one of {allowed}, got {value!r}."
-        )
-    return str(value)
+def _dotted(value: Any) -> Any:
+    """django-redis imports classes by dotted path; Django also takes the class."""
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    return value
 
 
-def _policy(options: dict[str, Any]) -> Policy:
+def _tuning(read: _Reader) -> Tuning:
+    from django.db import connections
+
+    return Tuning(
+        policy=_policy(read),
+        wait_timeout=read.number("WAIT_TIMEOUT", 10.0, 0.001),
+        refresh=read.choice("REFRESH", "background", REFRESH_MODES),
+        refresh_workers=int(read.number("REFRESH_WORKERS", 4, 1)),
+        breaker_threshold=int(read.number("BREAKER_THRESHOLD", 3, 1)),
+        breaker_cooldown=read.number("BREAKER_COOLDOWN", 1.0, 0.001),
+        herd=read.flag("HERD", True),
+        herd_exclude=HERD_EXCLUDE_DEFAULT + read.prefixes("HERD_EXCLUDE"),
+        cold_miss_wait=read.number("COLD_MISS_WAIT", 0.0, 0),
+        # A background refresh may open database connections in its pool
+        # thread; close them there (close_all acts on this thread's only).
+        thread_done=connections.close_all,
+    )
+
+
+def _policy(read: _Reader) -> Policy:
     """The stampede knobs; Policy validates their relations."""
     try:
         return Policy(
-            beta=_number(options, "XFETCH_BETA", 1.0, 0),
-            default_lease_ms=int(_number(options, "LEASE_TIMEOUT", 5.0, 0.001) * 1000),
-            min_lease_ms=int(_number(options, "LEASE_MIN", 0.5, 0.001) * 1000),
-            max_lease_ms=int(_number(options, "LEASE_MAX", 60.0, 0.001) * 1000),
-            soft_ratio=_number(options, "SOFT_TIMEOUT_RATIO", 0.95, 0.001),
+            beta=read.number("XFETCH_BETA", 1.0, 0),
+            default_lease_ms=int(read.number("LEASE_TIMEOUT", 5.0, 0.001) * 1000),
+            min_lease_ms=int(read.number("LEASE_MIN", 0.5, 0.001) * 1000),
+            max_lease_ms=int(read.number("LEASE_MAX", 60.0, 0.001) * 1000),
+            soft_ratio=read.number("SOFT_TIMEOUT_RATIO", 0.95, 0.001),
         )
     except ValueError as error:
-        raise ImproperlyConfigured(f"CACHES OPTIONS: {error}") from error
+        read.fail(f": {error}")
+        return Policy()
+
+
+def _unknown(options: dict[str, Any], read: _Reader) -> None:
+    """A key nobody reads is a typo until proven otherwise: say which it resembles."""
+    for name in options:
+        if not isinstance(name, str) or name.islower() or name in KNOWN_OPTIONS:
+            continue
+        close = difflib.get_close_matches(name, sorted(KNOWN_OPTIONS), n=1)
+        read.problems.append(
+            Problem(
+                "apee.W003",
+                f"CACHES OPTIONS[{name!r}] is not an option of django-apee or "
+                "django-redis, and is ignored.",
+                hint=f"Did you mean {close[0]!r}?" if close else None,
+            )
+        )
+
+
+def apee_aliases(caches: dict[str, Any]) -> list[str]:
+    """The CACHES aliases whose BACKEND is ApeeCache (by dotted path)."""
+    return [
+        alias
+        for alias, config in caches.items()
+        if str(config.get("BACKEND", "")).startswith("django_apee.")
+    ]

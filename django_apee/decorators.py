@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 
+from django_apee.api import get_or_set_stampede_safe
+
 T = TypeVar("T")
 
 _SCALARS = (
@@ -95,8 +97,6 @@ def stampede_safe(
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> T:
-            from django_apee import get_or_set_stampede_safe
-
             result: T = get_or_set_stampede_safe(
                 cache_key(*args, **kwargs),
                 lambda: fn(*args, **kwargs),

@@ -61,13 +61,11 @@ def warm_up(alias: str) -> None:
     """Build the coordinator and subscribe to wake-ups before the release."""
     from django.core.cache import caches
 
-    from django_apee.engine import stampede
-
     cache = caches[alias]
     warm_key = f"warmup:{os.getpid()}"
     cache.get_or_set_stampede_safe(warm_key, "warm", 5)
     cache.delete(warm_key)
-    hub = stampede.coordinator(cache).hub
+    hub = cache.runtime.hub
     hub.done(warm_key, hub.expect(warm_key))  # starts the subscriber if needed
     if not hub.subscribed.wait(10):
         raise RuntimeError("wake-up subscription did not come up")

@@ -80,7 +80,6 @@ def main() -> None:
     from django.test.utils import override_settings
 
     from django_apee import get_or_set_stampede_safe
-    from django_apee.engine import stampede
 
     alias = spec["alias"]
     override_settings(CACHES={**settings.CACHES, alias: cache_config(spec)}).enable()
@@ -99,7 +98,7 @@ def main() -> None:
     warm_key = f"warmup:{os.getpid()}"
     get_or_set_stampede_safe(warm_key, "warm", 5, cache=alias)
     caches[alias].delete(warm_key)
-    hub = stampede.coordinator(caches[alias]).hub
+    hub = caches[alias].runtime.hub
     hub.done(warm_key, hub.expect(warm_key))  # starts the subscriber if needed
     if not hub.subscribed.wait(5):
         raise RuntimeError("wake-up subscription did not come up")

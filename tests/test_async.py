@@ -32,7 +32,6 @@ from django.test import override_settings
 
 from django_apee.cache import ApeeCache
 from django_apee.core.envelope import Meta
-from django_apee.engine.stampede import coordinator
 from django_apee.store import lease
 from tests import views
 
@@ -171,7 +170,7 @@ def test_thread_sensitive_thread_stays_free_during_a_lease_wait(make_cache):
     """
     cache = make_cache()
     local = Compute("computed here", sleep=0.0)
-    hub = coordinator(cache).hub
+    hub = cache.runtime.hub
     held = lease.acquire(
         cache.client.get_client(write=True), cache.client.make_key("busy"), 10_000
     ).lease

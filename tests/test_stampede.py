@@ -32,7 +32,6 @@ import django_apee
 from django_apee.cache import ApeeCache
 from django_apee.core import keys
 from django_apee.core.envelope import Meta
-from django_apee.engine.stampede import coordinator
 from django_apee.store import lease
 from tests.redis_server import RedisServer, free_port
 
@@ -616,7 +615,7 @@ def test_invalidation_mid_compute_is_not_overwritten(make_cache, raw_redis, inva
 
 def test_waiter_wakes_on_release_not_at_lease_expiry(make_cache):
     alias, cache = make_cache()
-    shared = coordinator(cache)
+    shared = cache.runtime
     held = hold_lease(cache, "wake", 5000)
     compute = Compute("waiter computed")
     call = Background(
@@ -642,7 +641,7 @@ def test_many_waiters_on_many_keys_share_one_pubsub_connection(make_cache):
     try:
         alias, cache = make_cache(server.url)
         raw = redis.Redis.from_url(server.url, socket_timeout=5)
-        shared = coordinator(cache)
+        shared = cache.runtime
         count = 24
         held = [hold_lease(cache, f"k{i}", 10_000) for i in range(count)]
         compute = Compute("computed")
@@ -788,7 +787,7 @@ def test_breaker_spares_later_calls_the_timeout():
         assert all(latency < 0.05 for latency in latencies[3:])
         assert compute.calls == 13
         assert metric(alias, "fallbacks", reason="circuit_open") == 10
-        assert coordinator(caches[alias]).breaker.is_open
+        assert caches[alias].runtime.coordinator.breaker.is_open
 
 
 # -- the decorator ---------------------------------------------------------------------

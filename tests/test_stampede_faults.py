@@ -33,9 +33,8 @@ from django.test import override_settings
 from prometheus_client import REGISTRY
 
 from django_apee import get_or_set_stampede_safe
-from django_apee.client import WAKE_CHANNEL
 from django_apee.core import keys
-from django_apee.store import lease
+from django_apee.store.wake import WAKE_CHANNEL, WakeHub
 from tests.children import Child
 from tests.redis_server import RedisServer
 
@@ -469,7 +468,7 @@ def test_wakeup_published_before_the_subscription_is_up_still_wakes(
         assert gate.wait(10)
         return redis.Redis.from_url(redis_url, socket_timeout=5)
 
-    hub = lease.WakeHub(connect)
+    hub = WakeHub(connect)
     event = hub.expect("gap:key")  # starts the subscriber, held in connect()
     try:
         assert not hub.subscribed.is_set()
@@ -492,7 +491,7 @@ def test_wakeup_subscription_reconnects_fast_after_an_old_failure_streak(
             raise refusals.pop()
         return redis.Redis.from_url(redis_url, socket_timeout=5)
 
-    hub = lease.WakeHub(connect)
+    hub = WakeHub(connect)
     hub.done("streak", hub.expect("streak"))
     assert hub.subscribed.wait(5)
     event = hub.expect("streak")

@@ -28,29 +28,28 @@ lease without changing a line of it:
   leases as Facebook describes them, for callers that cannot pass a compute
   function.
 
-This module decides; its Redis I/O goes through ``lease`` and the client.
+This module decides; waiting and lease-taking are ``waiting.Waiting``'s, the
+Redis I/O the store's.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
+import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from django_apee.client import MISSING, REDIS_ERRORS
-from django_apee.core import policy
-from django_apee.observe import metrics
+from django_apee.core import MISSING, policy
+from django_apee.core.memo import ExpiringMemo
+from django_apee.engine.waiting import Landed, Waiting, Won
 from django_apee.store import lease
+from django_apee.store.errors import REDIS_ERRORS
 
 if TYPE_CHECKING:
-    from redis import Redis
-
-    from django_apee.cache import ApeeCache
     from django_apee.core.envelope import Meta
+    from django_apee.engine.protocol import Events, Store, Tuning
+    from django_apee.store.wake import WakeHub
 
 #: How long this process remembers a lease it won, waiting for its write.
 #: Past the lease's own end the write still lands only if the entry is
@@ -60,11 +59,12 @@ CLAIM_WINDOW_S = 60.0
 #: design" (a flag nobody sets, say): gets of it miss at once instead of
 #: waiting for a write that is not coming.
 ABSENT_MEMORY_S = 60.0
-_MEMO_LIMIT = 10_000
+#: In a read row, for an absent key: whether a lease is held is not known.
+LEASE_UNKNOWN = -3
 
 
 @dataclass(frozen=True)
-class Won:
+class Claim:
     """A lease this process won from a plain get, waiting for its write."""
 
     lease: lease.Lease
@@ -76,37 +76,87 @@ class Won:
         return policy.measured_delta_ms(now - self.started)
 
 
+@dataclass(frozen=True)
+class Row:
+    """One key as ``lua/get.lua`` read it."""
+
+    made: str
+    key: Any
+    raw: bytes | None
+    pttl_ms: int
+    lease_pttl_ms: int
+
+
 class Herd:
     """Herd-mode state shared by the threads of one process for one alias."""
 
-    def __init__(self, backend: ApeeCache) -> None:
-        options = backend.apee
-        self.alias = backend.alias
-        self.policy = options.policy
-        self.stale = options.herd
-        self.cold_miss_wait = options.cold_miss_wait
-        self.wait_timeout = options.wait_timeout
-        self.exclude = options.herd_exclude
-        self.hub = lease.wake_hub(
-            str(backend._server), lambda: backend.client.get_client(write=True)
-        )
-        self._won: dict[str, Won] = {}
-        #: made key -> (until, identity of the entry then): another process
-        #: holds its lease, so stale reads here skip the acquire round trip.
-        self._held_elsewhere: dict[str, tuple[float, int]] = {}
-        self._absent: dict[str, float] = {}
-        self._lock = threading.Lock()
-        self._herd_misses = metrics.HERD_MISSES.labels(cache=self.alias)
+    def __init__(
+        self, store: Store, hub: WakeHub, tuning: Tuning, events: Events
+    ) -> None:
+        self.tuning = tuning
+        self.rules = tuning.policy
+        #: Herd mode proper: a stale plain-set entry misses for one reader.
+        self.stale_misses = tuning.herd
+        self.waiting = Waiting(store, hub, tuning.policy, events)
+        self.events = events
+        self._claims: ExpiringMemo[Claim] = ExpiringMemo()
+        self._absent: ExpiringMemo[bool] = ExpiringMemo()
 
     def excluded(self, key: Any) -> bool:
         """Keys that must never get a herd miss (``HERD_EXCLUDE``)."""
-        return isinstance(key, str) and key.startswith(self.exclude)
+        return isinstance(key, str) and key.startswith(self.tuning.herd_exclude)
+
+    # -- one get_many ----------------------------------------------------------
+
+    def read(self, rows: list[Row]) -> dict[Any, Any]:
+        """What a plain get/get_many returns for ``rows``: key -> value.
+
+        Past its hard timeout an entry is a miss (entries kept for
+        ``stale_if_error`` outlive it in Redis); past its soft timeout herd
+        mode may make it a miss for one reader; an absent key whose lease
+        is held is being computed, and is waited for.
+        """
+        found: dict[Any, Any] = {}
+        absent: list[tuple[str, Any, int]] = []
+        for row in rows:
+            if not row.raw:
+                absent.append((row.made, row.key, row.lease_pttl_ms))
+                continue
+            entry = self.waiting.store.decode_entry(row.raw)
+            if entry is None:
+                continue
+            value, meta = entry
+            if meta is None:
+                found[row.key] = value
+                continue
+            rand = policy.xfetch_rand(meta, random.random())
+            state = policy.state(meta, row.pttl_ms, policy=self.rules, rand=rand)
+            if not state.servable:
+                # Past its hard timeout, in its last millisecond or kept for
+                # stale_if_error: as good as absent, and quite possibly
+                # being recomputed (its lease was not read: look).
+                absent.append((row.made, row.key, LEASE_UNKNOWN))
+                continue
+            # Entries get_or_set_stampede_safe wrote (they store their soft
+            # timeout) are refreshed by its callers, in the background: a
+            # plain get serves them up to their timeout. Herd mode is for
+            # what plain set wrote.
+            if (
+                state is not policy.State.FRESH
+                and meta.soft_ms == 0
+                and self.stale_misses
+                and not self.excluded(row.key)
+                and self.contend(row.made, row.raw, meta, row.pttl_ms)
+            ):
+                continue
+            found[row.key] = value
+        if absent and (self.tuning.herd or self.tuning.cold_miss_wait):
+            found.update(self.wait_for(absent))
+        return found
 
     # -- stale and early entries ------------------------------------------------
 
-    def contend(
-        self, client: Redis, made: str, raw: bytes, meta: Meta, read_pttl: int
-    ) -> bool:
+    def contend(self, made: str, raw: bytes, meta: Meta, read_pttl: int) -> bool:
         """Try to win the lease of a servable entry; True: this reader misses.
 
         False (serve the value) when this process already won it, another
@@ -115,186 +165,85 @@ class Herd:
         one reader that will write the next value.
         """
         now = time.monotonic()
+        claim = self._claims.get(made, now)
+        if claim is not None and now < claim.started + claim.lease.lease_ms / 1000:
+            return False
         # Which write of the entry this is: a memo about another holder's
         # lease is about the entry as it was, not about its successor.
-        identity = hash(raw)
-        with self._lock:
-            won = self._won.get(made)
-            if won is not None and now < won.started + won.lease.lease_ms / 1000:
-                return False
-            held = self._held_elsewhere.get(made)
-            if held is not None and held[0] > now and held[1] == identity:
-                return False
-        try:
-            attempt = lease.acquire(
-                client, made, policy.lease_ms(meta.delta_ms or None, self.policy)
-            )
-        except REDIS_ERRORS:
-            metrics.REDIS_ERRORS.labels(cache=self.alias).inc()
-            return False
-        if attempt.lease is None:
-            if attempt.lease_pttl_ms > 0:
-                with self._lock:
-                    self._held_elsewhere[made] = (
-                        now + attempt.lease_pttl_ms / 1000,
-                        identity,
-                    )
-                    _bound(self._held_elsewhere, lambda held: held[0] > now)
+        lease_ms = policy.lease_ms(meta.delta_ms or None, self.rules)
+        attempt = self.waiting.try_lease(made, lease_ms, hash(raw), now)
+        if attempt is None or attempt.lease is None:
             return False
         if attempt.raw != raw or attempt.pttl_ms > read_pttl:
             # Rewritten between our read and the acquire: its writer just
             # freed the lease, and recomputing now would compute twice.
-            self.release_quietly(attempt.lease)
+            self.waiting.release_quietly(attempt.lease)
             return False
-        self._record(
-            Won(
-                attempt.lease, now, hashlib.sha1(raw, usedforsecurity=False).hexdigest()
-            )
-        )
+        digest = hashlib.sha1(raw, usedforsecurity=False).hexdigest()
+        self._record(Claim(attempt.lease, now, digest))
         return True
 
-    # -- absent entries (COLD_MISS_WAIT) ---------------------------------------
+    # -- absent entries ------------------------------------------------------------
 
-    def wait_for(
-        self,
-        client: Redis,
-        absent: list[tuple[str, Any, int]],
-        servable: Callable[[bytes | None, int], Any],
-    ) -> dict[str, Any]:
+    def wait_for(self, absent: list[tuple[str, Any, int]]) -> dict[Any, Any]:
         """Values of absent keys that another reader's write delivered.
 
-        ``absent`` holds ``(made key, key, lease PTTL)``, the PTTL -3 when
-        unknown (a value read past its timeout). A key whose lease
-        is held is being computed (a herd winner whose value expired while
-        it worked, or ``get_or_set_stampede_safe``): wait for that write
-        rather than compute the value again. With ``COLD_MISS_WAIT``, every
-        absent key is leased: win it (this reader misses) or wait. The
-        whole call waits at most ``COLD_MISS_WAIT`` if set, else
-        ``WAIT_TIMEOUT``, and never past the lease's end plus a little. ``servable(raw,
-        pttl)`` decodes what was read, or returns ``MISSING`` when that is
-        not a value ``get`` may serve.
+        ``absent`` holds ``(made key, key, lease PTTL)``, the PTTL
+        ``LEASE_UNKNOWN`` for a value read past its timeout. A key whose
+        lease is held is being computed (a herd winner whose value expired
+        while it worked, or ``get_or_set_stampede_safe``): wait for that
+        write rather than compute the value again. With ``COLD_MISS_WAIT``,
+        every absent key is leased: win it (this reader misses) or wait.
+        The whole call waits at most ``COLD_MISS_WAIT`` if set, else
+        ``WAIT_TIMEOUT``, and never past the lease's end plus a little.
         """
-        deadline = time.monotonic() + (self.cold_miss_wait or self.wait_timeout)
-        waiting = [
-            (made, key, deadline)
-            for made, key, lease_pttl in absent
+        cold_wait = self.tuning.cold_miss_wait
+        deadline = time.monotonic() + (cold_wait or self.tuning.wait_timeout)
+        landed: dict[Any, Any] = {}
+        for made, key, lease_pttl in absent:
             # Being computed (or perhaps: expired just now), or cold-waiting.
-            if lease_pttl != -2 or self.cold_miss_wait
-        ]
-        landed: dict[str, Any] = {}
-        for made, key, deadline in waiting:
-            if self.excluded(key) or self._absent.get(made, 0.0) > time.monotonic():
+            if lease_pttl == -2 and not cold_wait:
+                continue
+            if self.excluded(key) or self._absent.get(made, time.monotonic()):
                 continue
             try:
-                value = self._wait_one(client, made, deadline, servable)
+                value = self._wait_one(made, deadline)
             except REDIS_ERRORS:
-                metrics.REDIS_ERRORS.labels(cache=self.alias).inc()
+                self.events.redis_errors.inc()
                 break
             if value is not MISSING:
-                landed[made] = value
+                landed[key] = value
         return landed
 
-    def _wait_one(
-        self,
-        client: Redis,
-        made: str,
-        deadline: float,
-        servable: Callable[[bytes | None, int], Any],
-    ) -> Any:
-        waited = 0.0
-        try:
-            while True:
-                event = self.hub.expect(made)
-                try:
-                    attempt = lease.acquire(client, made, self.policy.default_lease_ms)
-                    value = servable(attempt.raw, attempt.pttl_ms)
-                    if value is not MISSING:
-                        if attempt.lease is not None:
-                            self.release_quietly(attempt.lease)
-                        return value
-                    if attempt.lease is not None:
-                        if waited:
-                            # The lease we waited on ran out with nothing
-                            # written: the key is probably absent by design.
-                            self._remember_absent(made)
-                        self._record(Won(attempt.lease, time.monotonic(), ""))
-                        return MISSING
-                    remaining_ms = int((deadline - time.monotonic()) * 1000)
-                    if remaining_ms <= 0:
-                        metrics.FALLBACKS.labels(
-                            cache=self.alias, reason="cold_wait_timeout"
-                        ).inc()
-                        return MISSING
-                    started = time.monotonic()
-                    event.wait(
-                        policy.wait_ms(attempt.lease_pttl_ms, remaining_ms) / 1000
-                    )
-                    waited += time.monotonic() - started
-                finally:
-                    self.hub.done(made, event)
-        finally:
-            if waited:
-                metrics.LEASE_WAIT_SECONDS.labels(cache=self.alias).observe(waited)
+    def _wait_one(self, made: str, deadline: float) -> Any:
+        outcome = self.waiting.wait(made, self.rules.default_lease_ms, deadline)
+        if isinstance(outcome, Landed):
+            return outcome.value
+        if isinstance(outcome, Won):
+            if outcome.waited:
+                # The lease we waited on ran out with nothing written: the
+                # key is probably absent by design.
+                now = time.monotonic()
+                self._absent.put(made, now + ABSENT_MEMORY_S, True, now)
+            self._record(Claim(outcome.lease, time.monotonic(), ""))
+            return MISSING
+        self.events.fallback("cold_wait_timeout")
+        return MISSING
 
     # -- the winner's write ------------------------------------------------------
 
-    def claim(self, made: str) -> Won | None:
+    def claim(self, made: str) -> Claim | None:
         """The lease this process won on ``made``, handed to the write of it."""
-        with self._lock:
-            won = self._won.pop(made, None)
-        if won is None or time.monotonic() > won.started + CLAIM_WINDOW_S:
-            return None
-        return won
+        return self._claims.pop(made, time.monotonic())
 
     def lost(self) -> None:
         """A winner's write found something newer: nothing was stored."""
-        metrics.LEASE_LOST.labels(cache=self.alias).inc()
+        self.events.lease_lost.inc()
 
     def release_quietly(self, held: lease.Lease) -> None:
-        try:
-            lease.release(held, None, None)
-        except REDIS_ERRORS:
-            metrics.REDIS_ERRORS.labels(cache=self.alias).inc()
+        self.waiting.release_quietly(held)
 
-    # -- memory ------------------------------------------------------------------
-
-    def _record(self, won: Won) -> None:
-        self._herd_misses.inc()
-        now = time.monotonic()
-        with self._lock:
-            self._won[won.lease.value_key] = won
-            _bound(self._won, lambda w: now < w.started + CLAIM_WINDOW_S)
-
-    def _remember_absent(self, made: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._absent[made] = now + ABSENT_MEMORY_S
-            _bound(self._absent, lambda until: until > now)
-
-
-def _bound(memo: dict[str, Any], live: Callable[[Any], bool]) -> None:
-    """Keep a per-process memo from growing without end (callers hold the lock).
-
-    Past the limit, entries that are no longer ``live`` go; if all are, all
-    go: forgetting costs a round trip each, never correctness.
-    """
-    if len(memo) <= _MEMO_LIMIT:
-        return
-    for key in [key for key, entry in memo.items() if not live(entry)]:
-        del memo[key]
-    if len(memo) > _MEMO_LIMIT:
-        memo.clear()
-
-
-_HERDS: dict[tuple[int, str, str], Herd] = {}
-_HERDS_LOCK = threading.Lock()
-
-
-def herd_for(backend: ApeeCache) -> Herd:
-    """The process-wide Herd of ``backend``'s alias (backends are per thread)."""
-    key = (os.getpid(), backend.alias, str(backend._server))
-    with _HERDS_LOCK:
-        found = _HERDS.get(key)
-        if found is None:
-            found = _HERDS[key] = Herd(backend)
-        return found
+    def _record(self, claim: Claim) -> None:
+        self.events.herd_misses.inc()
+        until = claim.started + CLAIM_WINDOW_S
+        self._claims.put(claim.lease.value_key, until, claim, time.monotonic())

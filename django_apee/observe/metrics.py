@@ -1,4 +1,4 @@
-"""Prometheus metrics, fleet counters and rate-limited logging.
+"""Prometheus metrics and fleet counters.
 
 Metrics live on prometheus_client's default registry, so django-prometheus's
 ``/metrics`` view shows them, and are counters and histograms only, so
@@ -15,18 +15,13 @@ for an alias.
 from __future__ import annotations
 
 import bisect
-import logging
 import threading
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 
 from django_apee.core.envelope import DECODE_REASONS
 from django_apee.store import fleet
-
-if TYPE_CHECKING:
-    from django_apee.cache import ApeeCache
 
 #: Buckets from 100 µs to 60 s: a hit-path wait and a minute-long compute
 #: both land in a bucket that tells them apart.
@@ -223,28 +218,39 @@ KNOWN_LABELS: dict[str, tuple[str, ...]] = {
 # -- per-alias switch ----------------------------------------------------------------
 
 _enabled: dict[str, bool] = {}
+#: django-prometheus's get/hit/miss counters, when the Django surface found
+#: the package installed (``use_django_prometheus``).
+_django_counters: tuple[Any, Any, Any] | None = None
 
 
 def enabled(alias: str) -> bool:
-    """Whether ``alias`` counts (OPTIONS ``METRICS``, default True)."""
-    found = _enabled.get(alias)
-    if found is None:
-        found = _enabled[alias] = _read_enabled(alias)
-    return found
+    """Whether ``alias`` counts (OPTIONS ``METRICS``, told by ``configure``)."""
+    return _enabled.get(alias, True)
 
 
-def _read_enabled(alias: str) -> bool:
-    from django.conf import settings
+def configure(alias: str, *, enabled: bool) -> None:
+    """Switch ``alias``'s counting on or off (its OPTIONS ``METRICS``)."""
+    if _enabled.get(alias, True) != enabled:
+        _enabled[alias] = enabled
+        _forget_children()
+    else:
+        _enabled[alias] = enabled
 
-    if not settings.configured:
-        return True
-    options = (settings.CACHES.get(alias) or {}).get("OPTIONS") or {}
-    return options.get("METRICS", True) is not False
+
+def use_django_prometheus(counters: tuple[Any, Any, Any] | None) -> None:
+    """Also feed django-prometheus's own cache counters (total, hits, misses)."""
+    global _django_counters
+    _django_counters = counters
+    _gets.clear()
 
 
 def reset() -> None:
     """Forget every alias's switch and children (CACHES changed)."""
     _enabled.clear()
+    _forget_children()
+
+
+def _forget_children() -> None:
     _gets.clear()
     for family in FAMILIES:
         family.forget()
@@ -280,11 +286,11 @@ class Gets:
     def __init__(self, alias: str) -> None:
         self.hits = GET_HITS.labels(cache=alias)
         self.misses = GET_MISSES.labels(cache=alias)
-        django = django_prometheus_counters() if enabled(alias) else None
-        if django is None:
+        theirs = _django_counters if enabled(alias) else None
+        if theirs is None:
             self.django: tuple[Any, Any, Any] | None = None
         else:
-            total, hits, misses = (c.labels(backend="redis") for c in django)
+            total, hits, misses = (c.labels(backend="redis") for c in theirs)
             self.django = (total, hits, misses)
 
     def count(self, hits: int, misses: int) -> None:
@@ -317,79 +323,31 @@ def count_gets(alias: str, hits: int, misses: int) -> None:
     gets.count(hits, misses)
 
 
-def django_prometheus_counters() -> tuple[Any, Any, Any] | None:
-    """django-prometheus's own get/hit/miss counters, if it is installed.
+class AliasMetrics:
+    """The engine's event sink for one alias: every family's child, resolved once.
 
-    Its module defines them on the default registry; importing it (once) and
-    reusing its objects avoids registering duplicates.
-    """
-    try:
-        from django_prometheus.cache import metrics as theirs
-    except ImportError:
-        return None
-    return (
-        theirs.django_cache_get_total,
-        theirs.django_cache_hits_total,
-        theirs.django_cache_misses_total,
-    )
-
-
-class RateLimitedLog:
-    """Log a message at most once per ``per_seconds`` for each topic.
-
-    A corrupt hot key is read thousands of times a second; one line a minute
-    (with how many were suppressed) tells the operator without drowning them.
+    ``labels()`` costs more than ``inc()``; the hit path only calls the
+    latter. Satisfies ``engine.protocol.Events``.
     """
 
-    def __init__(self, logger: logging.Logger, per_seconds: float) -> None:
-        self.logger = logger
-        self.per_seconds = per_seconds
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
+    def __init__(self, alias: str) -> None:
+        self.alias = alias
+        self.hits = HITS.labels(cache=alias)
+        self.misses = MISSES.labels(cache=alias)
+        self.stale_served = STALE_SERVED.labels(cache=alias)
+        self.early_refreshes = EARLY_REFRESHES.labels(cache=alias)
+        self.herd_misses = HERD_MISSES.labels(cache=alias)
+        self.lease_renewals = LEASE_RENEWALS.labels(cache=alias)
+        self.lease_lost = LEASE_LOST.labels(cache=alias)
+        self.redis_errors = REDIS_ERRORS.labels(cache=alias)
+        self.compute_seconds = COMPUTE_SECONDS.labels(cache=alias)
+        self.lease_wait_seconds = LEASE_WAIT_SECONDS.labels(cache=alias)
 
-    def warning(self, topic: str, message: str, *args: Any) -> bool:
-        """Log unless ``topic`` was logged recently; return whether it logged."""
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(topic)
-            if last is not None and now - last < self.per_seconds:
-                self._suppressed[topic] = self._suppressed.get(topic, 0) + 1
-                return False
-            self._last[topic] = now
-            suppressed = self._suppressed.pop(topic, 0)
-        if suppressed:
-            message += " (%d similar suppressed)"
-            args = (*args, suppressed)
-        self.logger.warning(message, *args)
-        return True
+    def computed(self, outcome: str) -> None:
+        COMPUTES.labels(cache=self.alias, outcome=outcome).inc()
 
+    def fallback(self, reason: str) -> None:
+        FALLBACKS.labels(cache=self.alias, reason=reason).inc()
 
-def alias_of(backend: ApeeCache) -> str:
-    """Find the ``CACHES`` alias a backend was built for.
-
-    Django does not tell a backend its alias. The handler's per-thread
-    connections know it by identity; failing that (a backend built by hand),
-    the settings entry with the same LOCATION and OPTIONS; else "unknown".
-    """
-    cached: str | None = getattr(backend, "_apee_alias", None)
-    if cached is not None:
-        return cached
-    from django.conf import settings
-    from django.core.cache import caches
-
-    alias = "unknown"
-    for name in settings.CACHES:
-        if getattr(caches._connections, name, None) is backend:
-            alias = name
-            break
-    else:
-        for name, config in settings.CACHES.items():
-            if (
-                config.get("LOCATION") == backend._server
-                and (config.get("OPTIONS") or {}) == backend.user_options
-            ):
-                alias = name
-                break
-    backend._apee_alias = alias
-    return alias
+    def unreadable(self, reason: str) -> None:
+        SERIALIZATION_ERRORS.labels(cache=self.alias, reason=reason).inc()

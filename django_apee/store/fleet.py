@@ -26,6 +26,10 @@ land in the same bucket. Fields are plain integers (``HINCRBY``):
 A flush that fails (Redis away) puts its counts back for the next one; the
 tally's size is bounded by the number of series, not by time. A forked child
 starts with an empty tally: its parent flushes what the parent counted.
+
+Where an alias's counts go is told by the backend that counts them
+(``register``): its own connection, key prefix and flush interval. Counts of
+an alias nobody registered wait in the tally until someone does.
 """
 
 from __future__ import annotations
@@ -35,12 +39,15 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from django_apee.core.process import ProcessThread
 from django_apee.store import scripts
 
 if TYPE_CHECKING:
-    from django_apee.store.lease import ProcessThread
+    from redis import Redis
 
 logger = logging.getLogger("django_apee")
 
@@ -99,8 +106,6 @@ class Tally:
 
     def _ensure_thread(self) -> None:
         if self._thread is None:
-            from django_apee.store.lease import ProcessThread  # lease imports client
-
             self._thread = ProcessThread(_flush_loop, "django-apee-stats")
         self._thread.ensure()
 
@@ -130,48 +135,45 @@ def flush() -> int:
     return flushed
 
 
+@dataclass(frozen=True)
+class Sink:
+    """Where one alias's counts go: its Redis, key prefix and flush interval."""
+
+    connect: Callable[[], Redis]
+    key_prefix: str
+    interval: float = DEFAULT_INTERVAL
+
+
+_SINKS: dict[str, Sink] = {}
+
+
+def register(alias: str, sink: Sink) -> None:
+    """Send ``alias``'s counts to ``sink`` from now on (the latest one wins)."""
+    _SINKS[alias] = sink
+
+
 def _send(alias: str, fields: dict[str, int]) -> bool:
-    backend = _backend(alias)
-    if backend is None:
-        return False  # not an ApeeCache alias (any more): nowhere to count
-    client = backend.client.get_client(write=True)
+    sink = _SINKS.get(alias)
+    if sink is None:
+        raise LookupError(f"no fleet sink registered for {alias!r}")
     args: list[Any] = [BUCKET_SECONDS]
     for field, amount in sorted(fields.items()):
         args += [field, amount]
-    scripts.run(client, "stats", keys=[stats_key(backend.key_prefix, alias)], args=args)
+    keys = [stats_key(sink.key_prefix, alias)]
+    scripts.run(sink.connect(), "stats", keys=keys, args=args)
     return True
-
-
-def _backend(alias: str) -> Any:
-    from django.conf import settings
-    from django.core.cache import caches
-
-    from django_apee.cache import ApeeCache
-
-    if alias not in settings.CACHES:
-        return None
-    backend = caches[alias]
-    return backend if isinstance(backend, ApeeCache) else None
 
 
 def interval(alias: str) -> float:
     """The alias's ``STATS_FLUSH_INTERVAL`` (seconds), else the default."""
-    from django.conf import settings
-
-    options = (settings.CACHES.get(alias) or {}).get("OPTIONS") or {}
-    value = options.get("STATS_FLUSH_INTERVAL", DEFAULT_INTERVAL)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        return DEFAULT_INTERVAL  # the system check reports it
-    return float(value)
+    sink = _SINKS.get(alias)
+    return DEFAULT_INTERVAL if sink is None else sink.interval
 
 
 def _flush_loop() -> None:
     while True:
         aliases = {alias for alias, _ in TALLY.pending()}
-        try:
-            wait = min((interval(a) for a in aliases), default=DEFAULT_INTERVAL)
-        except Exception:  # settings not ready yet
-            wait = DEFAULT_INTERVAL
+        wait = min((interval(a) for a in aliases), default=DEFAULT_INTERVAL)
         TALLY.wake.wait(wait)
         TALLY.wake.clear()
         flush()

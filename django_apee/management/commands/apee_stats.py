@@ -14,7 +14,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_apee.apps import apee_aliases
+from django_apee.conf import apee_aliases
 from django_apee.observe import stats
 
 #: Exit status when --check finds something (errors reaching Redis exit 1).

@@ -1,0 +1,117 @@
+"""What one process shares, per cache alias: the engine, wired to Django.
+
+Django builds a cache backend per thread; the stampede engine's
+single-flight table, breaker, refresh pool, herd memos and wake-up
+subscription must be shared by all of them. :class:`Runtime` holds them for
+one alias, built on first use from that backend's parsed options, and kept
+in a per-process registry keyed by alias, LOCATION and the options'
+fingerprint: after ``override_settings`` or any change to CACHES a new
+configuration gets a new runtime (``forget_all`` runs on Django's
+``setting_changed``), and a forked worker builds its own.
+
+This is also where the layers below are wired together: the backend is the
+engine's store, the alias's metrics its event sink, and the backend's own
+connection the fleet counters' destination.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from django_apee.core.process import Registry
+from django_apee.engine.herd import Herd
+from django_apee.engine.stampede import Coordinator
+from django_apee.observe import metrics
+from django_apee.store import fleet
+from django_apee.store.wake import WakeHub
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from django_apee.cache import ApeeCache
+    from django_apee.core.envelope import Meta
+
+
+class BackendStore:
+    """The engine's ``Store``: the backend's primary connection and codec."""
+
+    def __init__(self, backend: ApeeCache) -> None:
+        self._backend = backend
+
+    def connection(self) -> Redis:
+        connection: Redis = self._backend.client.get_client(write=True)
+        return connection
+
+    def decode_entry(self, raw: bytes) -> tuple[Any, Meta | None] | None:
+        entry: tuple[Any, Meta | None] | None = self._backend.client.decode_entry(raw)
+        return entry
+
+    def encode_entry(self, value: Any, meta: Meta) -> bytes:
+        encoded = self._backend.envelope.encode(value, meta)
+        assert isinstance(encoded, bytes)  # values with meta are always enveloped
+        return encoded
+
+
+class Runtime:
+    """The per-process engine of one alias: herd mode, stampede, wake-ups."""
+
+    def __init__(self, backend: ApeeCache) -> None:
+        options = backend.apee
+        self.alias = backend.alias
+        metrics.configure(self.alias, enabled=options.metrics)
+        self.events = metrics.AliasMetrics(self.alias)
+        self.store = BackendStore(backend)
+        self.hub = WakeHub(self.store.connection)
+        self.coordinator = Coordinator(
+            self.store, self.hub, options.tuning, self.events
+        )
+        self.herd = Herd(self.store, self.hub, options.tuning, self.events)
+        fleet.register(
+            self.alias,
+            fleet.Sink(
+                connect=self.store.connection,
+                key_prefix=backend.key_prefix,
+                interval=options.stats_flush_interval,
+            ),
+        )
+
+
+RUNTIMES: Registry[Runtime] = Registry()
+
+
+def runtime_of(backend: ApeeCache) -> Runtime:
+    """The process's Runtime for ``backend``'s alias and configuration."""
+    key = (backend.alias, str(backend._server), backend.apee.fingerprint)
+    return RUNTIMES.get(key, lambda: Runtime(backend))
+
+
+def forget_all() -> None:
+    """CACHES changed: every runtime and metric switch goes.
+
+    Fleet sinks stay until the alias's next runtime replaces them: counts
+    already made must still reach a Redis.
+    """
+    RUNTIMES.clear()
+    metrics.reset()
+
+
+def alias_of(backend: ApeeCache) -> str:
+    """Find the ``CACHES`` alias a backend was built for.
+
+    Django does not tell a backend its alias. The handler's per-thread
+    connections know it by identity; failing that (a backend built by hand),
+    the settings entry with the same LOCATION and OPTIONS; else "unknown".
+    """
+    from django.conf import settings
+    from django.core.cache import caches
+
+    for name in settings.CACHES:
+        if getattr(caches._connections, name, None) is backend:
+            return str(name)
+    for name, config in settings.CACHES.items():
+        if (
+            config.get("LOCATION") == backend._server
+            and (config.get("OPTIONS") or {}) == backend.user_options
+        ):
+            return str(name)
+    return "unknown"
