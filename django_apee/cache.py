@@ -66,18 +66,18 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
         #: in the check's own report; a backend is built on first use anyway.
         self.config_error: ImproperlyConfigured | None = None
         try:
-            self.apee = ApeeOptions.from_params(self.user_options)
-            client_cls = client_class(self.apee.client_class)
+            self.options = ApeeOptions.from_params(self.user_options)
+            client_cls = client_class(self.options.client_class)
         except (ImproperlyConfigured, ImportError) as error:
             self.config_error = ImproperlyConfigured(str(error))
-            self.apee = ApeeOptions.from_params({})
-            client_cls = client_class(self.apee.client_class)
-        params["OPTIONS"] = self.apee.redis_options
+            self.options = ApeeOptions.from_params({})
+            client_cls = client_class(self.options.client_class)
+        params["OPTIONS"] = self.options.redis_options
         super().__init__(server, params)
         self._client_cls = client_cls
         self._envelope: Envelope | None = None
         self._alias: str | None = None
-        self.legacy_reads = self.apee.legacy_reads
+        self.legacy_reads = self.options.legacy_reads
 
     @property
     def client(self) -> Any:
@@ -91,12 +91,12 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
         """The codec, built on first use (SECRET_KEY may be set late in tests)."""
         if self._envelope is None:
             self._envelope = Envelope(
-                codec=self.apee.codec,
-                compressor=self.apee.compression,
-                compress_min_bytes=self.apee.compress_min_bytes,
-                compress_level=self.apee.compress_level,
-                pickle_fallback=self.apee.allow_pickle,
-                signing_keys=signing_keys() if self.apee.allow_pickle else (),
+                codec=self.options.codec,
+                compressor=self.options.compression,
+                compress_min_bytes=self.options.compress_min_bytes,
+                compress_level=self.options.compress_level,
+                pickle_fallback=self.options.allow_pickle,
+                signing_keys=signing_keys() if self.options.allow_pickle else (),
             )
         return self._envelope
 
@@ -189,7 +189,7 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
                 found = MISSING
             return compute() if found is MISSING else found
         made = self.client.make_key(key, version=version)  # Django's key checks
-        spec = make_spec(timeout, soft_timeout, stale_if_error, self.apee.policy)
+        spec = make_spec(timeout, soft_timeout, stale_if_error, self.options.policy)
         return self.runtime.coordinator.get_or_set(Call(made, compute, spec))
 
     def get_or_set(

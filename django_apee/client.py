@@ -9,6 +9,7 @@ places where django-redis departs from Django's documented cache contract.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import time
@@ -33,12 +34,25 @@ from django_apee.store.errors import REDIS_ERRORS
 from django_apee.store.wake import WAKE_CHANNEL
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Iterator
 
     from redis import Redis
 
     from django_apee.cache import ApeeCache
     from django_apee.engine.herd import Claim, Herd
+
+
+@contextlib.contextmanager
+def interrupted(client: Any) -> Iterator[None]:
+    """Redis errors as django-redis's ConnectionInterrupted.
+
+    ``IGNORE_EXCEPTIONS`` acts on that exception: with it on, a method whose
+    Redis is away returns its default instead of raising.
+    """
+    try:
+        yield
+    except REDIS_ERRORS as error:
+        raise ConnectionInterrupted(connection=client) from error
 
 
 class ApeeClientMixin:
@@ -148,11 +162,9 @@ class ApeeClientMixin:
         if not by_made_key:
             return {}
         made_keys = list(by_made_key)
-        try:
+        with interrupted(client):
             leases = [companion(made, LEASE) for made in made_keys]
             flat = scripts.run(client, "get", keys=made_keys + leases, args=[])
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
         rows = [
             Row(made, by_made_key[made], flat[3 * i], int(flat[3 * i + 1]),
                 int(flat[3 * i + 2]))
@@ -195,7 +207,7 @@ class ApeeClientMixin:
         # the soft one is the reader's rule (SOFT_TIMEOUT_RATIO), not stored.
         encoded = self.encode(value, meta=Meta(hard_ms=px) if px else None)
         mode = "NX" if nx else "XX" if xx else ""
-        try:
+        with interrupted(client):
             stored = scripts.run(
                 client,
                 "set",
@@ -203,8 +215,6 @@ class ApeeClientMixin:
                 args=[encoded, "" if px is None else px, mode, WAKE_CHANNEL],
             )
             return bool(stored)
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
 
     def _herd_set(
         self,
@@ -230,7 +240,7 @@ class ApeeClientMixin:
         except Exception:
             herd.release_quietly(won.lease)
             raise
-        try:
+        with interrupted(client):
             stored = scripts.run(
                 client,
                 "herd_set",
@@ -243,8 +253,6 @@ class ApeeClientMixin:
                     WAKE_CHANNEL,
                 ],
             )
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
         if isinstance(client, Pipeline):
             return True  # set_many: the pipeline answers later
         if not stored:
@@ -260,13 +268,11 @@ class ApeeClientMixin:
         herd = self._backend.runtime.herd
         if (won := herd.claim(made)) is not None:
             herd.release_quietly(won.lease)  # the write that would end it is none
-        try:
+        with interrupted(client):
             if nx:
                 # add() with timeout 0: true when the key was absent; store nothing.
                 return not client.exists(made)
             deleted = bool(self._revoke(client, made))
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
         return deleted if xx else True
 
     def pttl(
@@ -281,13 +287,11 @@ class ApeeClientMixin:
         made = self.make_key(key, version=version)
         if client is None:
             client = self.get_client(write=False)  # type: ignore[attr-defined]
-        try:
+        with interrupted(client):
             pipeline = client.pipeline(transaction=False)
             pipeline.getrange(made, 0, 260)  # the header and metadata, not the value
             pipeline.pttl(made)
             raw, pttl = pipeline.execute()
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
         if pttl == -2:
             return 0
         if pttl == -1:
@@ -321,13 +325,11 @@ class ApeeClientMixin:
         made = self.make_key(key, version=version)
         if client is None:
             client = self.get_client(write=True)  # type: ignore[attr-defined]
-        try:
+        with interrupted(client):
             if timeout is None:
                 return bool(client.persist(made))
             px = to_milliseconds(timeout) if timeout > 0 else 0
             return bool(client.pexpire(made, px))
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
 
     def set_many(
         self,
@@ -343,13 +345,11 @@ class ApeeClientMixin:
         """
         if client is None:
             client = self.get_client(write=True)  # type: ignore[attr-defined]
-        try:
+        with interrupted(client):
             pipeline = client.pipeline(transaction=False)
             for key, value in data.items():
                 self.set(key, value, timeout, version=version, client=pipeline)
             pipeline.execute()
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
         return []
 
     def delete_many(
@@ -363,13 +363,11 @@ class ApeeClientMixin:
             return 0
         if client is None:
             client = self.get_client(write=True)  # type: ignore[attr-defined]
-        try:
+        with interrupted(client):
             pipeline = client.pipeline(transaction=False)
             for one in made:
                 self._revoke(pipeline, one)
             return sum(pipeline.execute())
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
 
     def delete(
         self,
@@ -382,10 +380,8 @@ class ApeeClientMixin:
         made = self.make_key(key, version=version, prefix=prefix)
         if client is None:
             client = self.get_client(write=True)  # type: ignore[attr-defined]
-        try:
+        with interrupted(client):
             return int(self._revoke(client, made))
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
 
     @staticmethod
     def _revoke(client: Any, made: CacheKey) -> Any:
@@ -419,25 +415,21 @@ class ApeeClientMixin:
         raw, px = self._read_with_px(old, client)
         if raw is None:
             raise ValueError(f"Key '{original}' not found")
-        try:
+        with interrupted(client):
             pipeline = client.pipeline(transaction=False)
             pipeline.set(new, raw, px=px)
             pipeline.delete(old)
             pipeline.execute()
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
         return version + delta
 
     @staticmethod
     def _read_with_px(made: CacheKey, client: Redis) -> tuple[bytes | None, int | None]:
         """Read stored bytes and the TTL to write them back with (None: none)."""
-        try:
+        with interrupted(client):
             pipeline = client.pipeline(transaction=False)
             pipeline.get(made)
             pipeline.pttl(made)
             raw, pttl = pipeline.execute()
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
         return raw, (pttl if pttl > 0 else None)
 
     def _incr(
@@ -478,10 +470,8 @@ class ApeeClientMixin:
             value = self.decode(raw) + delta
         except DecodeError:
             raise ValueError(f"Key '{made.original_key()}' not found") from None
-        try:
+        with interrupted(client):
             client.set(made, self.encode(value), px=px)
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
         return value
 
 

@@ -56,7 +56,7 @@ class Runtime:
     """The per-process engine of one alias: herd mode, stampede, wake-ups."""
 
     def __init__(self, backend: ApeeCache) -> None:
-        options = backend.apee
+        options = backend.options
         self.alias = backend.alias
         metrics.configure(self.alias, enabled=options.metrics)
         self.events = metrics.AliasMetrics(self.alias)
@@ -81,7 +81,7 @@ RUNTIMES: Registry[Runtime] = Registry()
 
 def runtime_of(backend: ApeeCache) -> Runtime:
     """The process's Runtime for ``backend``'s alias and configuration."""
-    key = (backend.alias, str(backend._server), backend.apee.fingerprint)
+    key = (backend.alias, str(backend._server), backend.options.fingerprint)
     return RUNTIMES.get(key, lambda: Runtime(backend))
 
 

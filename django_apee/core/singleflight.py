@@ -1,6 +1,6 @@
 """In-process request coalescing ("single-flight") for threads and for asyncio.
 
-DESIGN.md §4: inside one process, callers that want the same key at the same
+Inside one process, callers that want the same key at the same
 time share one computation (or one Redis wait), so at most one caller per key
 and process touches Redis. This module is that sharing and nothing else: pure
 Python, no Redis, no Django, no I/O.
@@ -21,7 +21,8 @@ Timeouts
 decides. On expiry the follower gets :class:`SingleFlightTimeout` (a
 ``TimeoutError``), never a value: an exception cannot be mistaken for a result
 and keeps ``Result.value`` typed as ``T``. The follower then applies its own
-policy (DESIGN §4: compute locally, do not store, count a fallback). The leader
+policy (the stampede engine computes locally, stores nothing and counts a
+fallback). The leader
 is not told and keeps running. ``timeout=None`` waits as long as the leader
 runs; the caller is then responsible for bounding ``fn``. The leader's own run
 is never bounded here: only ``fn`` can bound it.
