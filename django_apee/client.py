@@ -9,7 +9,6 @@ places where django-redis departs from Django's documented cache contract.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import random
 import time
@@ -19,22 +18,20 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 from django_redis.client import DefaultClient
-from django_redis.exceptions import ConnectionInterrupted
 from django_redis.util import CacheKey
 from redis.client import Pipeline
-from redis.exceptions import ResponseError
 
+from django_apee.client_inplace import InPlaceMixin, interrupted
 from django_apee.core import MISSING, policy, to_milliseconds
 from django_apee.core.envelope import DecodeError, Meta, is_raw_int, peek_meta
 from django_apee.core.keys import LEASE, companion
 from django_apee.engine.herd import Row
 from django_apee.observe import metrics
 from django_apee.store import scripts
-from django_apee.store.errors import REDIS_ERRORS
 from django_apee.store.wake import WAKE_CHANNEL
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
     from redis import Redis
 
@@ -42,20 +39,7 @@ if TYPE_CHECKING:
     from django_apee.engine.herd import Claim, Herd
 
 
-@contextlib.contextmanager
-def interrupted(client: Any) -> Iterator[None]:
-    """Redis errors as django-redis's ConnectionInterrupted.
-
-    ``IGNORE_EXCEPTIONS`` acts on that exception: with it on, a method whose
-    Redis is away returns its default instead of raising.
-    """
-    try:
-        yield
-    except REDIS_ERRORS as error:
-        raise ConnectionInterrupted(connection=client) from error
-
-
-class ApeeClientMixin:
+class ApeeClientMixin(InPlaceMixin):
     """Envelope encoding and Django's semantics on top of a django-redis client."""
 
     _backend: ApeeCache
@@ -109,7 +93,7 @@ class ApeeClientMixin:
     def _decode_legacy(self, value: bytes) -> Any:
         """Read a value django-redis or Django's RedisCache wrote (migration)."""
         try:
-            return super().decode(value)  # type: ignore[misc]
+            return super().decode(value)
         except Exception:  # any failure is a miss
             return MISSING
 
@@ -121,7 +105,7 @@ class ApeeClientMixin:
         """django-redis's key, plus Django's key warnings (memcached limits)."""
         if isinstance(key, CacheKey):
             return key
-        made: CacheKey = super().make_key(key, version=version, prefix=prefix)  # type: ignore[misc]
+        made: CacheKey = super().make_key(key, version=version, prefix=prefix)
         self._backend.validate_key(made)
         return made
 
@@ -157,7 +141,7 @@ class ApeeClientMixin:
         waits for that write (``herd.Herd.wait_for``).
         """
         if client is None:
-            client = self.get_client(write=False)  # type: ignore[attr-defined]
+            client = self.get_client(write=False)
         by_made_key = {self.make_key(key, version=version): key for key in keys}
         if not by_made_key:
             return {}
@@ -199,7 +183,7 @@ class ApeeClientMixin:
         made = self.make_key(key, version=version)
         px = None if timeout is None else to_milliseconds(timeout)
         if client is None:
-            client = self.get_client(write=True)  # type: ignore[attr-defined]
+            client = self.get_client(write=True)
         herd = self._backend.runtime.herd
         if (won := herd.claim(made)) is not None:
             return self._herd_set(client, made, value, px, herd, won)
@@ -264,7 +248,7 @@ class ApeeClientMixin:
     ) -> bool:
         made = self.make_key(key, version=version)
         if client is None:
-            client = self.get_client(write=True)  # type: ignore[attr-defined]
+            client = self.get_client(write=True)
         herd = self._backend.runtime.herd
         if (won := herd.claim(made)) is not None:
             herd.release_quietly(won.lease)  # the write that would end it is none
@@ -286,7 +270,7 @@ class ApeeClientMixin:
         """
         made = self.make_key(key, version=version)
         if client is None:
-            client = self.get_client(write=False)  # type: ignore[attr-defined]
+            client = self.get_client(write=False)
         with interrupted(client):
             pipeline = client.pipeline(transaction=False)
             pipeline.getrange(made, 0, 260)  # the header and metadata, not the value
@@ -324,7 +308,7 @@ class ApeeClientMixin:
             timeout = self._backend.default_timeout
         made = self.make_key(key, version=version)
         if client is None:
-            client = self.get_client(write=True)  # type: ignore[attr-defined]
+            client = self.get_client(write=True)
         with interrupted(client):
             if timeout is None:
                 return bool(client.persist(made))
@@ -344,7 +328,7 @@ class ApeeClientMixin:
         whole pipeline or raises.
         """
         if client is None:
-            client = self.get_client(write=True)  # type: ignore[attr-defined]
+            client = self.get_client(write=True)
         with interrupted(client):
             pipeline = client.pipeline(transaction=False)
             for key, value in data.items():
@@ -362,7 +346,7 @@ class ApeeClientMixin:
         if not made:
             return 0
         if client is None:
-            client = self.get_client(write=True)  # type: ignore[attr-defined]
+            client = self.get_client(write=True)
         with interrupted(client):
             pipeline = client.pipeline(transaction=False)
             for one in made:
@@ -379,7 +363,7 @@ class ApeeClientMixin:
         """Delete a value and revoke any lease on it (see ``lua/delete.lua``)."""
         made = self.make_key(key, version=version, prefix=prefix)
         if client is None:
-            client = self.get_client(write=True)  # type: ignore[attr-defined]
+            client = self.get_client(write=True)
         with interrupted(client):
             return int(self._revoke(client, made))
 
@@ -391,88 +375,6 @@ class ApeeClientMixin:
             keys=[made, companion(made, LEASE)],
             args=[WAKE_CHANNEL],
         )
-
-    def incr_version(
-        self,
-        key: Any,
-        delta: int = 1,
-        version: int | None = None,
-        client: Redis | None = None,
-    ) -> int:
-        """Move a value to ``version + delta``, keeping its bytes and its TTL.
-
-        django-redis decodes and re-encodes, and refuses a stored ``None``;
-        copying the stored bytes keeps ``None``, raw ints and the envelope's
-        timing metadata exactly.
-        """
-        if version is None:
-            version = self._backend.version
-        original = key.original_key() if isinstance(key, CacheKey) else key
-        old = self.make_key(original, version=version)
-        new = self.make_key(original, version=version + delta)
-        if client is None:
-            client = self.get_client(write=True)  # type: ignore[attr-defined]
-        raw, px = self._read_with_px(old, client)
-        if raw is None:
-            raise ValueError(f"Key '{original}' not found")
-        with interrupted(client):
-            pipeline = client.pipeline(transaction=False)
-            pipeline.set(new, raw, px=px)
-            pipeline.delete(old)
-            pipeline.execute()
-        return version + delta
-
-    @staticmethod
-    def _read_with_px(made: CacheKey, client: Redis) -> tuple[bytes | None, int | None]:
-        """Read stored bytes and the TTL to write them back with (None: none)."""
-        with interrupted(client):
-            pipeline = client.pipeline(transaction=False)
-            pipeline.get(made)
-            pipeline.pttl(made)
-            raw, pttl = pipeline.execute()
-        return raw, (pttl if pttl > 0 else None)
-
-    def _incr(
-        self,
-        key: Any,
-        delta: int = 1,
-        version: int | None = None,
-        client: Redis | None = None,
-        ignore_key_check: bool = False,
-    ) -> Any:
-        """Add atomically in Redis when the value is a raw int.
-
-        Anything else (an int inside an envelope, one past 64 bits) is read,
-        added in Python and written back with its remaining TTL, as
-        django-redis does; a non-number raises TypeError, a missing key
-        ValueError.
-        """
-        made = self.make_key(key, version=version)
-        if client is None:
-            client = self.get_client(write=True)  # type: ignore[attr-defined]
-        try:
-            result = scripts.run(
-                client, "incr", keys=[made], args=[delta, int(ignore_key_check)]
-            )
-        except ResponseError:
-            return self._incr_in_python(made, delta, client)
-        except REDIS_ERRORS as error:
-            raise ConnectionInterrupted(connection=client) from error
-        if result is None:
-            raise ValueError(f"Key '{key}' not found")
-        return int(result)
-
-    def _incr_in_python(self, made: CacheKey, delta: int, client: Redis) -> Any:
-        raw, px = self._read_with_px(made, client)
-        if raw is None:
-            raise ValueError(f"Key '{made.original_key()}' not found")
-        try:
-            value = self.decode(raw) + delta
-        except DecodeError:
-            raise ValueError(f"Key '{made.original_key()}' not found") from None
-        with interrupted(client):
-            client.set(made, self.encode(value), px=px)
-        return value
 
 
 @functools.cache
