@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import django
 from django.conf import settings
 
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 
 def setup(url: str) -> None:

@@ -77,7 +77,7 @@ import msgpack
 import redis
 from django.conf import settings
 
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 #: name -> (label, Redis DB). DB 0 stays empty: nothing shares a keyspace.
 PEERS: dict[str, tuple[str, int]] = {

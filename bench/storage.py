@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import django
 from django.conf import settings
 
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 #: alias -> what it is, for tables and charts.
 LABELS = {

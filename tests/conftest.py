@@ -21,7 +21,7 @@ from django.core.cache import caches
 from django.test import override_settings
 
 from django_apee.cache import ApeeCache
-from tests.redis_server import RedisServer, session_server
+from tests.support.redis_server import RedisServer, session_server
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

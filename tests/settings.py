@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tests.redis_server import session_url
+from tests.support.redis_server import session_url
 
 REDIS_URL = session_url()
 
@@ -55,7 +55,7 @@ TEMPLATES = [
         },
     }
 ]
-ROOT_URLCONF = "tests.urls"
+ROOT_URLCONF = "tests.support.urls"
 #: The live server wraps the site in a static-files handler, which needs it.
 STATIC_URL = "/static/"
 MIDDLEWARE: list[str] = []

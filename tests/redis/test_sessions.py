@@ -7,7 +7,7 @@ must never be reported missing while it is alive, not even near its
 expiry, where herd mode (one early miss for an entry past its soft timeout)
 would otherwise hand one reader an empty session.
 
-Child processes run ``tests/session_worker.py`` against the same Redis and
+Child processes run ``tests/support/session_worker.py`` against the same Redis and
 the same SQLite file; ``transaction=True`` makes the rows this process
 writes visible to them.
 """
@@ -31,7 +31,7 @@ from django.contrib.sessions.models import Session
 from django.core.cache import caches
 from django.test import Client, override_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENGINES = [
     "django.contrib.sessions.backends.cache",
     "django.contrib.sessions.backends.cached_db",
@@ -45,14 +45,14 @@ FAST_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 class Child:
-    """One ``tests.session_worker`` process using ``engine``."""
+    """One ``tests.support.session_worker`` process using ``engine``."""
 
     def __init__(self, engine: str, **spec: Any) -> None:
         env = {**os.environ, "APEE_TEST_SESSION_ENGINE": engine}
         env["DJANGO_SETTINGS_MODULE"] = "tests.settings"
         self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.session_worker", json.dumps(spec)],
+            [sys.executable, "-m", "tests.support.session_worker", json.dumps(spec)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

@@ -4,9 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.redis_server import free_port
+import pytest
 
-TESTPROJECT = Path(__file__).resolve().parent.parent / "testproject"
+from tests.support.redis_server import free_port
+
+pytestmark = pytest.mark.faults
+
+TESTPROJECT = Path(__file__).resolve().parents[2] / "testproject"
 
 
 def test_manage_py_check_passes_with_redis_unreachable():

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from prometheus_client import REGISTRY
 
-CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
+CONTRIB = Path(__file__).resolve().parents[2] / "contrib"
 NAME = re.compile(r"\bapee_cache_[a-z_]+\b")
 
 

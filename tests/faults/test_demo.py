@@ -17,7 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+pytestmark = pytest.mark.faults
+
+ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "testproject" / "demo" / "stampede_demo.py"
 
 

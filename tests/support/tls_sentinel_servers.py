@@ -1,6 +1,6 @@
 """redis-server processes that ``RedisServer`` cannot start as is: TLS, Sentinel.
 
-Used by ``tests/test_compat.py``. Both reuse ``RedisServer``'s lifecycle
+Used by ``tests/redis/test_compat.py``. Both reuse ``RedisServer``'s lifecycle
 (``start``/``close`` by PID, a private temp dir); only how the process is
 started or probed differs.
 """
@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 
 def self_signed_cert(directory: Path) -> tuple[str, str]:

@@ -7,7 +7,7 @@ ApeeCache's herd mode, once the page is past its soft timeout one reader
 fleet-wide gets a miss and re-renders, while everyone else keeps getting the
 cached page until the new one lands: one render per expiry.
 
-The view (``tests/views.py``) logs each render with its start time and puts
+The view (``tests/support/views.py``) logs each render with its start time and puts
 the render's number in its body. Renders fall into *windows*: a new window
 starts when a render starts at least T/2 after the previous one. A page
 lives T seconds, so renders of one expiry come within a render time of each
@@ -34,8 +34,8 @@ from django.http import HttpResponse
 from django.test import Client, override_settings
 from prometheus_client import REGISTRY
 
-from tests import views
-from tests.views import APEE_PAGES, PAGE_TIMEOUT, PLAIN_PAGES, Run
+from tests.support import views
+from tests.support.views import APEE_PAGES, PAGE_TIMEOUT, PLAIN_PAGES, Run
 
 CLIENTS = 32
 #: Long enough to cross two expiries after the first fill (T = 3 s).

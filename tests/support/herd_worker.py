@@ -1,6 +1,6 @@
 """A child process running cache-aside code (get, compute, set) on one key.
 
-Run as ``python -m tests.herd_worker`` with ``DJANGO_SETTINGS_MODULE`` set;
+Run as ``python -m tests.support.herd_worker`` with ``DJANGO_SETTINGS_MODULE`` set;
 it reads a JSON job from argv[1]: the cache OPTIONS, the key, timeout,
 compute seconds, thread count, and the wall-clock start and end shared by
 every process. Each compute INCRs a raw counter in Redis, so the parent

@@ -7,7 +7,7 @@ refreshes in real threads: a fragment refreshed in the background renders
 with the context, language and time zone it had when the tag ran.
 
 The last part renders templates in 2 processes x 32 threads released
-together (``tests/render_worker.py``), counting renders with a raw Redis
+together (``tests/support/render_worker.py``), counting renders with a raw Redis
 INCR: one render fleet-wide for a stale and for a cold fragment, with
 ``{% apee_cache %}`` and with Django's own ``{% cache %}`` on an ApeeCache
 (which relies on the backend's herd mode for plain get/set, and for a cold
@@ -40,10 +40,10 @@ from django.utils import translation
 from django.utils.safestring import SafeString
 
 from django_apee.cache import ApeeCache
-from tests.children import Child
-from tests.render_worker import SPEC_VARIABLE
+from tests.support.children import Child
+from tests.support.render_worker import SPEC_VARIABLE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 APEE = "django_apee.cache.ApeeCache"
 LOCMEM = "django.core.cache.backends.locmem.LocMemCache"
 _aliases = itertools.count()
@@ -484,7 +484,9 @@ def fleet(redis_url: str) -> Iterator[Fleet]:
                 "render_s": 0.3,
             }
             workers = [
-                Child("tests.render_worker", env={SPEC_VARIABLE: json.dumps(spec)})
+                Child(
+                    "tests.support.render_worker", env={SPEC_VARIABLE: json.dumps(spec)}
+                )
                 for _ in range(PROCESSES)
             ]
             started.extend(workers)

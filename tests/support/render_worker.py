@@ -1,6 +1,6 @@
 """Child process of the template-fragment stampede tests.
 
-``python -m tests.render_worker`` reads its spec (JSON) from the
+``python -m tests.support.render_worker`` reads its spec (JSON) from the
 ``APEE_RENDER_SPEC`` environment variable, sets Django up with
 ``tests.settings`` (the session's redis-server comes in through the inherited
 ``APEE_TEST_REDIS_URL``), adds the spec's cache alias, compiles the template

@@ -29,7 +29,7 @@ from django_apee.core import keys
 from django_apee.core.envelope import Meta
 from django_apee.observe import metrics, stats
 from django_apee.store import fleet, lease
-from tests.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, free_port
 
 APEE = "django_apee.cache.ApeeCache"
 SCHEMA = json.loads(

@@ -1,7 +1,7 @@
 """A Django project for the gunicorn metrics test: cache views and /metrics.
 
-Served by ``gunicorn tests.metrics_app:application`` with
-``DJANGO_SETTINGS_MODULE=tests.metrics_app`` (this module is its own settings
+Served by ``gunicorn tests.support.metrics_app:application`` with
+``DJANGO_SETTINGS_MODULE=tests.support.metrics_app`` (this module is its own settings
 and URLconf) and ``PROMETHEUS_MULTIPROC_DIR`` set, so django-prometheus's
 view sums every worker's counters.
 """
@@ -13,7 +13,7 @@ import time
 
 from tests.settings import *  # noqa: F403  # the session's Redis and database
 
-ROOT_URLCONF = "tests.metrics_app"
+ROOT_URLCONF = "tests.support.metrics_app"
 
 
 def get_view(request):  # type: ignore[no-untyped-def]

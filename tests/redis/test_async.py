@@ -33,7 +33,7 @@ from django.test import override_settings
 from django_apee.cache import ApeeCache
 from django_apee.core.envelope import Meta
 from django_apee.store import lease
-from tests import views
+from tests.support import views
 
 CALLERS = 64
 _aliases = itertools.count()

@@ -1,8 +1,8 @@
-"""URLs of the test suite's request-level tests (``tests/views.py``)."""
+"""URLs of the test suite's request-level tests (``tests/support/views.py``)."""
 
 from django.urls import URLPattern, path
 
-from tests import views
+from tests.support import views
 
 urlpatterns: list[URLPattern] = [
     path("async/report/", views.async_report),

@@ -46,14 +46,14 @@ from redis.sentinel import SentinelConnectionPool
 from django_apee.cache import ApeeCache
 from django_apee.client import ApeeClientMixin
 from django_apee.core.envelope import FORMAT_VERSION, MAGIC, UnserializableValueError
-from tests.helpers_servers import (
+from tests.support.redis_server import RedisServer, free_port
+from tests.support.tls_sentinel_servers import (
     ProbedRedisServer,
     SentinelServer,
     TLSRedisServer,
     self_signed_cert,
     tls_unsupported_reason,
 )
-from tests.redis_server import RedisServer, free_port
 
 APEE = "django_apee.cache.ApeeCache"
 ALIAS = "compat"
@@ -650,7 +650,7 @@ def test_pool_and_client_class_options(redis_url):
         redis_url,
         CONNECTION_POOL_CLASS="redis.BlockingConnectionPool",
         CONNECTION_POOL_KWARGS={"max_connections": 7, "timeout": 1},
-        REDIS_CLIENT_CLASS="tests.test_compat.CountingRedis",
+        REDIS_CLIENT_CLASS="tests.redis.test_compat.CountingRedis",
     )
     client = cache.client.get_client()
     assert isinstance(client, CountingRedis)
@@ -794,7 +794,7 @@ class MyClient(DefaultClient):
     [
         "django_redis.client.HerdClient",
         "django_redis.client.ShardClient",
-        "tests.test_compat.MyHerd",
+        "tests.redis.test_compat.MyHerd",
     ],
 )
 def test_refused_client_classes(redis_url, path):
@@ -817,7 +817,7 @@ def test_refused_client_classes(redis_url, path):
 
 
 def test_custom_default_client_subclass_is_kept(redis_url):
-    cache = make_apee(redis_url, CLIENT_CLASS="tests.test_compat.MyClient")
+    cache = make_apee(redis_url, CLIENT_CLASS="tests.redis.test_compat.MyClient")
     assert isinstance(cache.client, MyClient)
     assert isinstance(cache.client, ApeeClientMixin)
     cache.set("k", VALUES["tuple"])

@@ -25,9 +25,11 @@ from django.core.cache import caches
 from prometheus_client.parser import text_string_to_metric_families
 
 from django_apee.store import fleet
-from tests.redis_server import free_port
+from tests.support.redis_server import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.faults
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fetch(url: str) -> bytes:
@@ -62,7 +64,7 @@ def gunicorn() -> object:
         port = free_port()
         env = {
             **os.environ,
-            "DJANGO_SETTINGS_MODULE": "tests.metrics_app",
+            "DJANGO_SETTINGS_MODULE": "tests.support.metrics_app",
             "PROMETHEUS_MULTIPROC_DIR": multiproc,
             "PYTHONPATH": os.pathsep.join(
                 [str(ROOT), os.environ.get("PYTHONPATH", "")]
@@ -81,7 +83,7 @@ def gunicorn() -> object:
                 f"127.0.0.1:{port}",
                 "--graceful-timeout",
                 "10",
-                "tests.metrics_app:application",
+                "tests.support.metrics_app:application",
             ],
             cwd=ROOT,
             env=env,

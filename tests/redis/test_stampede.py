@@ -33,7 +33,7 @@ from django_apee.cache import ApeeCache
 from django_apee.core import keys
 from django_apee.core.envelope import Meta
 from django_apee.store import lease
-from tests.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, free_port
 
 APEE = "django_apee.cache.ApeeCache"
 MISSING: Any = object()

@@ -1,6 +1,6 @@
 """Child-process entry point for the session tests.
 
-``python -m tests.session_worker '<json spec>'`` sets Django up with
+``python -m tests.support.session_worker '<json spec>'`` sets Django up with
 ``tests.settings`` (the session's redis-server and SQLite file come in
 through the inherited ``APEE_TEST_REDIS_URL`` and ``APEE_TEST_DB``), uses the
 session engine named in ``APEE_TEST_SESSION_ENGINE``, does what the spec says

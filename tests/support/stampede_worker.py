@@ -1,6 +1,6 @@
 """Child-process entry point for the multi-process stampede tests.
 
-``python -m tests.stampede_worker '<json spec>'`` sets Django up with
+``python -m tests.support.stampede_worker '<json spec>'`` sets Django up with
 ``tests.settings`` (the session's redis-server comes in through the inherited
 ``APEE_TEST_REDIS_URL``), adds the spec's cache alias, warms the process up
 (coordinator, pub/sub subscription), prints ``READY`` and waits for one line

@@ -26,7 +26,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_apee.conf import ApeeOptions
 from django_apee.core.envelope import Meta
 from django_apee.store import lease
-from tests.test_stampede import (
+from tests.redis.test_stampede import (
     Background,
     hold_lease,
     lease_key,
@@ -38,7 +38,7 @@ from tests.test_stampede import (
     write_entry,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_stale(backend, raw_redis, key, left_ms=200):
@@ -443,7 +443,7 @@ def run_herd_workers(make_cache, raw, options, processes=2, threads=12, seconds=
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
     children = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.herd_worker", json.dumps(job)],
+            [sys.executable, "-m", "tests.support.herd_worker", json.dumps(job)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

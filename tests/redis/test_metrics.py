@@ -30,7 +30,7 @@ from django_apee.core import keys
 from django_apee.core.envelope import Meta
 from django_apee.observe import metrics
 from django_apee.store import fleet, lease
-from tests.redis_server import free_port
+from tests.support.redis_server import free_port
 
 APEE = "django_apee.cache.ApeeCache"
 _aliases = itertools.count()

@@ -3,7 +3,7 @@
 Every test runs against the session's private redis-server and asserts counts
 and values: how many computes ran (counted with a raw ``INCR`` the cache
 cannot see, so across processes), what each caller got, how long it took.
-Child processes run ``tests/stampede_worker.py``; they are released together
+Child processes run ``tests/support/stampede_worker.py``; they are released together
 by one line on their stdin once each has warmed up.
 
 Fault tests restore the server (SIGCONT, restart) in ``finally`` blocks. Each
@@ -35,10 +35,12 @@ from prometheus_client import REGISTRY
 from django_apee import get_or_set_stampede_safe
 from django_apee.core import keys
 from django_apee.store.wake import WAKE_CHANNEL, WakeHub
-from tests.children import Child
-from tests.redis_server import RedisServer
+from tests.support.children import Child
+from tests.support.redis_server import RedisServer
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.faults
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- helpers -------------------------------------------------------------------
@@ -85,7 +87,7 @@ def spawn() -> Iterator[Callable[..., Child]]:
     started: list[Child] = []
 
     def start(**spec: Any) -> Child:
-        worker = Child("tests.stampede_worker", json.dumps(spec))
+        worker = Child("tests.support.stampede_worker", json.dumps(spec))
         started.append(worker)
         return worker
 

@@ -1,0 +1,1 @@
+"""Tests against the session's one private redis-server (``tests/settings.py``)."""

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: servers, child-process entry points, views."""
