@@ -553,7 +553,7 @@ def targets_table(record: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def storage_targets(record: dict) -> list[list[str]]:
-    """DESIGN.md section 9's two storage targets, for django-apee's default."""
+    """The two storage targets, for django-apee's default."""
     rows = []
     payloads = record["storage"]["payloads"]
     for name, entry in payloads.items():
@@ -583,7 +583,7 @@ def storage_targets(record: dict) -> list[list[str]]:
 
 def write_tables(record: dict, out: Path) -> list[Path]:
     sections: list[tuple[str, list[str], list[list[str]]]] = []
-    sections.append(("django-apee against DESIGN.md section 9", *targets_table(record)))
+    sections.append(("django-apee against its targets", *targets_table(record)))
     sections.append(("Stampedes: every peer, side by side", *stampede_table(record)))
     sections += storage_tables(record)
     md = [f"# Benchmark results, {record.get('date', '')}\n"]

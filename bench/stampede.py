@@ -1,8 +1,8 @@
 """Stampede behaviour: django-apee against its peers, side by side, one run.
 
-Every peer runs the same scenarios (DESIGN.md section 9) with real processes
-and threads against one private redis-server started here, each peer in its
-own Redis DB:
+Every peer runs the same scenarios (docs/benchmarks.rst lists the targets)
+with real processes and threads against one private redis-server started
+here, each peer in its own Redis DB:
 
 - ``apee``: ``django_apee.get_or_set_stampede_safe`` on an ApeeCache;
 - ``article``: a Python port of the article's APEE-LRM ``getOrCompute``
@@ -121,9 +121,9 @@ COLLECT_GRACE_S = 60.0
 class ArticleAdaptiveCache:
     """The article's ``AdaptiveCache.getOrCompute`` (APEE-LRM), ported to Python.
 
-    This is the algorithm of ``seed/apee-lrm-article.txt``, reproduced as
+    This is the APEE-LRM article's algorithm, reproduced as
     faithfully as Python allows so the bench can compare against it. It is
-    the baseline django-apee was designed to improve on (DESIGN.md section 10),
+    the baseline django-apee was designed to improve on,
     not django-apee's code. Kept as written:
 
     - a hit inside the fixed soft window (``soft_window`` seconds before the
@@ -1157,7 +1157,7 @@ def print_scenario(name: str, cfg: dict, results: dict) -> None:
 
 
 def targets(report: dict, args: argparse.Namespace) -> list[dict]:
-    """DESIGN.md section 9, checked for django-apee."""
+    """The project's targets, checked for django-apee."""
     found = {name: r.get("apee") for name, r in report["scenarios"].items()}
     checks: list[dict] = []
 
@@ -1250,7 +1250,7 @@ def targets(report: dict, args: argparse.Namespace) -> list[dict]:
 def print_targets(checks: list[dict]) -> None:
     if not checks:
         return
-    print("\ndjango-apee against DESIGN.md section 9")
+    print("\ndjango-apee against its targets")
     for c in checks:
         mark = "met " if c["met"] else "MISS"
         print(

@@ -154,7 +154,7 @@ def test_cold_key_four_processes_sixteen_threads_compute_once(
         f"p50={ms(statistics.median(beyond))} p99={ms(percentile(beyond, 0.99))} "
         f"max={ms(max(beyond))}; caller latency max={ms(max(total))}"
     )
-    # Target (DESIGN §9) is p99 <= 5 ms; the bound here is loose because two
+    # The target is p99 <= 5 ms; the bound here is loose because two
     # CPUs run 64 threads, but far below a poll loop's or a lock timeout's.
     assert percentile(beyond, 0.99) < 0.15
     assert max(beyond) < 0.3
