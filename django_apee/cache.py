@@ -26,7 +26,7 @@ from django_redis.exceptions import ConnectionInterrupted
 
 from django_apee import runtime
 from django_apee.client import client_class
-from django_apee.conf import ApeeOptions
+from django_apee.conf import ApeeOptions, utc_today
 from django_apee.core import MISSING
 from django_apee.core.envelope import DecodeError, Envelope
 from django_apee.engine.stampede import Call, make_spec
@@ -38,6 +38,9 @@ logger = logging.getLogger("django_apee")
 #: One limiter for the process: Django builds a backend per thread, and a
 #: corrupt hot key is read by all of them.
 DECODE_LOG = RateLimitedLog(logger, per_seconds=60.0)
+#: Once per process and alias (a day is longer than any process should run
+#: without being told again).
+LEGACY_LOG = RateLimitedLog(logger, per_seconds=86_400.0)
 
 
 def signing_keys() -> list[bytes]:
@@ -77,7 +80,7 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
         self._client_cls = client_cls
         self._envelope: Envelope | None = None
         self._alias: str | None = None
-        self.legacy_reads = self.options.legacy_reads
+        self.legacy_reads = self.options.legacy_reads_on(utc_today())
 
     @property
     def client(self) -> Any:
@@ -122,6 +125,19 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
             "django_apee: unreadable cache value treated as a miss (%s): %s",
             error.reason,
             error,
+        )
+
+    def report_legacy_read(self) -> None:
+        """Count a value read through LEGACY_READS; warn once per process."""
+        self.runtime.events.unreadable("legacy")
+        LEGACY_LOG.warning(
+            f"{self.alias}:legacy",
+            "django_apee: LEGACY_READS is on for cache %r until %s: values "
+            "without django-apee's header are unpickled, so whoever can write "
+            "to this Redis can run code in this process. Turn it off once "
+            "old entries have expired.",
+            self.alias,
+            self.options.legacy_reads_until,
         )
 
     # -- where django-redis departs from Django's contract --------------------

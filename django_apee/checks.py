@@ -16,7 +16,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 
 from django_apee.client import client_class
-from django_apee.conf import apee_aliases, parse
+from django_apee.conf import apee_aliases, parse, utc_today
 
 #: Socket timeouts of the live checks' own connection, in seconds.
 LIVE_TIMEOUT = 1.0
@@ -25,6 +25,7 @@ LIVE_TIMEOUT = 1.0
 def register() -> None:
     checks.register(check_options, "caches")
     checks.register(check_redis, "caches", deploy=True)
+    checks.register(check_legacy_reads, "caches", "security", deploy=True)
 
 
 def _apee_caches() -> dict[str, dict[str, Any]]:
@@ -52,6 +53,39 @@ def check_options(**kwargs: Any) -> list[checks.CheckMessage]:
             client_class(parsed.client_class)
         except (ImproperlyConfigured, ImportError) as error:
             found.append(checks.Error(str(error), obj=alias, id="apee.E002"))
+    return found
+
+
+def check_legacy_reads(**kwargs: Any) -> list[checks.CheckMessage]:
+    """apee.W004 LEGACY_READS is on; W005 its end date has passed."""
+    found: list[checks.CheckMessage] = []
+    today = utc_today()
+    for alias, config in _apee_caches().items():
+        parsed, _ = parse(config.get("OPTIONS") or {})
+        until = parsed.legacy_reads_until
+        if until is None:
+            continue
+        if parsed.legacy_reads_on(today):
+            found.append(
+                checks.Warning(
+                    f"LEGACY_READS is on until {until}: values without "
+                    "django-apee's header are unpickled, so whoever can write "
+                    "to this Redis can run code in your workers.",
+                    hint="Remove LEGACY_READS once entries written before the "
+                    "switch have expired.",
+                    obj=alias,
+                    id="apee.W004",
+                )
+            )
+        else:
+            found.append(
+                checks.Warning(
+                    f"LEGACY_READS_UNTIL ({until}) has passed: legacy reads are off.",
+                    hint="Remove LEGACY_READS and LEGACY_READS_UNTIL.",
+                    obj=alias,
+                    id="apee.W005",
+                )
+            )
     return found
 
 

@@ -9,6 +9,7 @@ places where django-redis departs from Django's documented cache contract.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import time
@@ -18,6 +19,8 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 from django_redis.client import DefaultClient
+from django_redis.exceptions import CompressorError
+from django_redis.serializers.pickle import PickleSerializer
 from django_redis.util import CacheKey
 from redis.client import Pipeline
 
@@ -37,6 +40,15 @@ if TYPE_CHECKING:
 
     from django_apee.cache import ApeeCache
     from django_apee.engine.herd import Claim, Herd
+
+
+#: The largest stored value LEGACY_READS tries to decode.
+LEGACY_MAX_BYTES = 8 * 1024 * 1024
+
+
+def _is_pickle(data: bytes) -> bool:
+    """A pickle as django-redis and Django write them: protocol 2 to 5."""
+    return len(data) > 2 and data[0] == 0x80 and 2 <= data[1] <= 5
 
 
 class ApeeClientMixin(InPlaceMixin):
@@ -91,11 +103,27 @@ class ApeeClientMixin(InPlaceMixin):
         return decoded.value, decoded.meta
 
     def _decode_legacy(self, value: bytes) -> Any:
-        """Read a value django-redis or Django's RedisCache wrote (migration)."""
+        """Read a value django-redis or Django's RedisCache wrote (migration).
+
+        Only what could be such a value is tried: at most ``LEGACY_MAX_BYTES``
+        stored, and with a pickle serializer, a pickle of protocol 2 to 5
+        once decompressed. Each value read this way is counted (reason
+        ``legacy``); the first one per process logs a warning.
+        """
+        if len(value) > LEGACY_MAX_BYTES:
+            return MISSING
         try:
-            return super().decode(value)
+            data = value
+            with contextlib.suppress(CompressorError):
+                data = self._compressor.decompress(value)  # type: ignore[attr-defined]
+            serializer = self._serializer  # type: ignore[attr-defined]
+            if isinstance(serializer, PickleSerializer) and not _is_pickle(data):
+                return MISSING
+            found = serializer.loads(data)
         except Exception:  # any failure is a miss
             return MISSING
+        self._backend.report_legacy_read()
+        return found
 
     # -- keys -----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ redis-py's connection pool. Swapping it for ApeeCache keeps them working:
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import hashlib
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ APEE_OPTIONS = frozenset(
         "ALLOW_PICKLE", "BREAKER_COOLDOWN", "BREAKER_THRESHOLD", "CODEC",
         "COLD_MISS_WAIT", "COMPRESSION", "COMPRESS_LEVEL", "COMPRESS_MIN_BYTES",
         "HERD", "HERD_EXCLUDE", "LEASE_MAX", "LEASE_MIN", "LEASE_TIMEOUT",
-        "LEGACY_READS", "METRICS", "REFRESH", "REFRESH_WORKERS",
+        "LEGACY_READS", "LEGACY_READS_UNTIL", "METRICS", "REFRESH", "REFRESH_WORKERS",
         "SOFT_TIMEOUT_RATIO", "STATS_FLUSH_INTERVAL", "WAIT_TIMEOUT",
         "XFETCH_BETA",
     }
@@ -161,7 +162,9 @@ class ApeeOptions:
     compress_min_bytes: int
     compress_level: int | None
     allow_pickle: bool
-    legacy_reads: bool
+    #: Read values django-redis or Django's RedisCache pickled, until this
+    #: date (inclusive); None: never. See ``legacy_reads_on``.
+    legacy_reads_until: datetime.date | None
     metrics: bool
     stats_flush_interval: float
     #: What goes to django-redis: its own keys, our defaults, Django's renamed.
@@ -173,6 +176,11 @@ class ApeeOptions:
     @property
     def policy(self) -> Policy:
         return self.tuning.policy
+
+    def legacy_reads_on(self, today: datetime.date) -> bool:
+        """Whether values without our header are unpickled on ``today`` (UTC)."""
+        until = self.legacy_reads_until
+        return until is not None and today <= until
 
     @classmethod
     def from_params(cls, options: dict[str, Any]) -> ApeeOptions:
@@ -206,7 +214,7 @@ def parse(options: dict[str, Any]) -> tuple[ApeeOptions, list[Problem]]:
         compress_min_bytes=int(read.number("COMPRESS_MIN_BYTES", 1024, 0)),
         compress_level=level,
         allow_pickle=allow_pickle,
-        legacy_reads=read.flag("LEGACY_READS", False),
+        legacy_reads_until=_legacy_until(read),
         metrics=read.flag("METRICS", True, check="apee.E003"),
         stats_flush_interval=read.positive(
             "STATS_FLUSH_INTERVAL", DEFAULT_STATS_FLUSH_INTERVAL, check="apee.E003"
@@ -217,6 +225,33 @@ def parse(options: dict[str, Any]) -> tuple[ApeeOptions, list[Problem]]:
     )
     _unknown(options, read)
     return parsed, read.problems
+
+
+def utc_today() -> datetime.date:
+    """Today in UTC: LEGACY_READS_UNTIL means the same day on every host."""
+    return datetime.datetime.now(datetime.timezone.utc).date()
+
+
+def _legacy_until(read: _Reader) -> datetime.date | None:
+    """LEGACY_READS needs an end date: unpickling what anyone may have written
+    to Redis must be a migration step, not a setting that outlives it."""
+    if not read.flag("LEGACY_READS", False):
+        return None
+    value = read.options.get("LEGACY_READS_UNTIL")
+    if isinstance(value, datetime.datetime):
+        return value.date()
+    if isinstance(value, datetime.date):
+        return value
+    try:
+        return datetime.date.fromisoformat(str(value))
+    except ValueError:
+        read.fail(
+            "['LEGACY_READS_UNTIL'] must be the date (YYYY-MM-DD) after which "
+            f"LEGACY_READS turns itself off, got {value!r}. Reading old pickles "
+            "lets whoever can write to Redis run code in your workers; give "
+            "the migration an end."
+        )
+        return None
 
 
 def fingerprint(options: dict[str, Any]) -> str:

@@ -203,7 +203,8 @@ HERD_MISSES = counter(
 )
 SERIALIZATION_ERRORS = counter(
     "apee_cache_serialization_errors",
-    "Stored values that could not be read and were treated as a miss, by reason.",
+    "Stored values not in django-apee's format, by reason: misses, and "
+    "(reason legacy) old pickles that LEGACY_READS decoded.",
     "reason",
 )
 
@@ -211,7 +212,7 @@ SERIALIZATION_ERRORS = counter(
 KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     COMPUTES.name: OUTCOMES,
     FALLBACKS.name: FALLBACK_REASONS,
-    SERIALIZATION_ERRORS.name: DECODE_REASONS,
+    SERIALIZATION_ERRORS.name: (*DECODE_REASONS, "legacy"),
 }
 
 

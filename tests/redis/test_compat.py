@@ -1062,6 +1062,13 @@ def test_reason_is_logged_once_across_threads(redis_url, raw_redis, caplog, alia
     assert len(records) == 1
 
 
+#: LEGACY_READS with an end date a week away.
+LEGACY = {
+    "LEGACY_READS": True,
+    "LEGACY_READS_UNTIL": str((datetime.now(timezone.utc) + timedelta(days=7)).date()),
+}
+
+
 @pytest.fixture
 def legacy_values(redis_url: str) -> dict[str, Any]:
     """Values written by django-redis and by Django's own RedisCache."""
@@ -1086,7 +1093,7 @@ def test_legacy_reads_read_both_old_formats(redis_url, raw_redis, legacy_values,
     assert raw_redis.get(":1:dj-int") == b"8"
     assert raw_redis.get(":1:dj-dict").startswith(b"\x80")
     before = errors_total("foreign", alias)
-    with configured(redis_url, alias=alias, LEGACY_READS=True) as cache:
+    with configured(redis_url, alias=alias, **LEGACY) as cache:
         for key, value in legacy_values.items():
             assert cache.get(key) == value
             assert type(cache.get(key)) is type(value)
@@ -1094,6 +1101,8 @@ def test_legacy_reads_read_both_old_formats(redis_url, raw_redis, legacy_values,
         assert cache.incr("dr-int") == 8
         assert cache.incr("dj-int") == 9
     assert errors_total("foreign", alias) == before
+    # 5 pickles, each read 3 times; raw ints are not legacy reads.
+    assert errors_total("legacy", alias) == 15
 
 
 def test_without_legacy_reads_old_pickles_are_misses(redis_url, legacy_values, alias):
@@ -1113,8 +1122,54 @@ def test_legacy_reads_follow_serializer_and_compressor(redis_url, raw_redis):
     written = {"short": "s", "long": {"text": "x" * 500}, "float": 1.5, "n": 3}
     writer.set_many(written)
     assert raw_redis.get(":1:long").startswith(b"\x78")  # zlib
-    with configured(redis_url, LEGACY_READS=True, **options) as cache:
+    with configured(redis_url, **LEGACY, **options) as cache:
         assert cache.get_many(list(written)) == written
+
+
+def test_legacy_reads_need_an_end_date_and_stop_at_it(redis_url, legacy_values, alias):
+    with pytest.raises(ImproperlyConfigured, match="LEGACY_READS_UNTIL"):
+        ApeeCache(redis_url, {"OPTIONS": {"LEGACY_READS": True}}).get("dr-str")
+    yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).date()
+    with configured(
+        redis_url, alias=alias, LEGACY_READS=True, LEGACY_READS_UNTIL=yesterday
+    ) as cache:
+        assert cache.get("dr-str", MISS) is MISS
+
+
+def test_legacy_reads_try_only_pickles_and_warn_once(
+    redis_url, raw_redis, legacy_values, alias, caplog
+):
+    caplog.set_level(logging.WARNING, logger="django_apee")
+    raw_redis.set(":1:proto1", pickle.dumps("old protocol", protocol=1))
+    raw_redis.set(":1:text", b"not a pickle at all")
+    raw_redis.set(":1:huge", b"\x80\x04" + b"x" * (8 * 1024 * 1024))
+    with configured(redis_url, alias=alias, **LEGACY) as cache:
+        for key in ("proto1", "text", "huge"):
+            assert cache.get(key, MISS) is MISS
+        assert cache.get("dr-str") == "from django-redis"
+        assert cache.get("dj-str") == "from django"
+    warned = [r for r in caplog.records if "LEGACY_READS is on" in r.getMessage()]
+    assert len(warned) == 1
+    assert alias in warned[0].getMessage()
+
+
+def test_deploy_check_warns_while_legacy_reads_are_on_and_after(redis_url):
+    from django_apee import checks
+
+    tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).date()
+    config = {
+        "on": {"LEGACY_READS": True, "LEGACY_READS_UNTIL": str(tomorrow)},
+        "past": {"LEGACY_READS": True, "LEGACY_READS_UNTIL": "2020-01-01"},
+        "off": {},
+    }
+    caches_setting = {
+        alias: {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": redis_url,
+                "OPTIONS": options}
+        for alias, options in config.items()
+    }  # fmt: skip
+    with override_settings(CACHES={**settings.CACHES, **caches_setting}):
+        found = {(m.obj, m.id) for m in checks.check_legacy_reads()}
+    assert found == {("on", "apee.W004"), ("past", "apee.W005")}
 
 
 # -- 6. Storage ------------------------------------------------------------------------
