@@ -1,6 +1,7 @@
 """The envelope's public names, where releases before 0.2 exported them.
 
-The format and its codecs live in ``django_apee.core.envelope``.
+The envelope lives in ``django_apee.core.envelope``, the byte layout in
+``django_apee.core.wire``.
 """
 
 from django_apee.core.envelope import (

@@ -16,17 +16,8 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError, ResponseError
 
 from django_apee.core import keys, policy
-from django_apee.core.envelope import (
-    _CODEC_MASK,
-    _COMPRESSION_MASK,
-    _COMPRESSION_SHIFT,
-    _FLAG_META,
-    _SIGNATURE_LEN,
-    CODEC_PICKLE,
-    MAGIC,
-    DecodeError,
-    peek_meta,
-)
+from django_apee.core.compression import decompress
+from django_apee.core.wire import COMPRESSIONS, DecodeError, describe, peek_meta
 from django_apee.observe import metrics
 from django_apee.store import fleet, lease
 
@@ -38,8 +29,6 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 #: How far back the fleet rates look, in minute buckets (the current one too).
 WINDOW_MINUTES = 5
-CODECS = {0: "msgpack", 1: "pickle"}
-COMPRESSIONS = {0: "none", 1: "zstd", 2: "lz4", 3: "zlib"}
 UNKNOWN = "unknown"
 #: Below this much data a fragmentation ratio says nothing.
 DEFRAG_MIN_BYTES = 64 * 2**20
@@ -308,20 +297,17 @@ def _describe_bytes(backend: ApeeCache, raw: bytes) -> dict[str, Any]:
         backend.envelope.decode(raw)
     except DecodeError as error:
         return {"encoding": "unreadable", "error": error.reason}
-    if not raw.startswith(MAGIC):
+    header = describe(raw)
+    if header is None:  # it decoded, so it is a raw int
         return {"encoding": "raw-int", "raw_bytes": len(raw)}
-    flags = raw[3]
-    codec = flags & _CODEC_MASK
-    compression = (flags & _COMPRESSION_MASK) >> _COMPRESSION_SHIFT
-    start = 4 + (1 + raw[4] if flags & _FLAG_META else 0)
-    start += _SIGNATURE_LEN if codec == CODEC_PICKLE else 0
-    payload = raw[start:]
-    if compression:
-        payload = backend.envelope._decompress(compression, payload)
+    payload = raw[header.header_len :]
+    if header.compression != "none":
+        limit = backend.envelope.max_decompressed_bytes
+        payload = decompress(COMPRESSIONS[header.compression], payload, limit)
     return {
         "encoding": "envelope",
-        "codec": CODECS[codec],
-        "compression": COMPRESSIONS[compression],
+        "codec": header.codec,
+        "compression": header.compression,
         "raw_bytes": len(payload),
     }
 

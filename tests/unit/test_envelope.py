@@ -25,7 +25,7 @@ from django.utils.safestring import SafeData, SafeString, mark_safe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from django_apee.core import envelope as envelope_module
+from django_apee.core import codec, compression, extensions
 from django_apee.core.envelope import (
     DECODE_REASONS,
     FORMAT_VERSION,
@@ -286,7 +286,7 @@ def test_bytearrays_stay_bytearrays_wherever_they_are(value: Any) -> None:
 def test_bytes_without_bytearrays_are_untouched() -> None:
     value = {"a": [b"\xc4", (b"x" * 70_000,)], "b": 19.99}
     encoded = make(compressor="none").encode(value)
-    assert encoded == MAGIC + bytes((FORMAT_VERSION, 0)) + envelope_module._pack(value)
+    assert encoded == MAGIC + bytes((FORMAT_VERSION, 0)) + codec.pack(value)
 
 
 def test_tuple_nesting_beyond_the_limit_goes_to_pickle() -> None:
@@ -298,7 +298,7 @@ def test_tuple_nesting_beyond_the_limit_goes_to_pickle() -> None:
     assert codec_of(envelope.encode(shallow)) == 0
     assert codec_of(envelope.encode(deep)) == 1
     assert_same(deep, roundtrip(envelope, deep).value)
-    assert envelope_module._state.depth == 0
+    assert codec._state.depth == 0
 
 
 def nested_lists(depth: int) -> Any:
@@ -603,7 +603,7 @@ def test_lz4_missing(monkeypatch: pytest.MonkeyPatch) -> None:
         if lz4_frame is not None
         else craft(0x08, b"\x04\x22\x4d\x18")
     )
-    monkeypatch.setattr(envelope_module, "_lz4_frame", None)
+    monkeypatch.setattr(compression, "_lz4_frame", None)
     with pytest.raises(ValueError, match=r"pip install django-apee\[lz4\]"):
         make(compressor="lz4")
     with pytest.raises(DecodeError) as info:
@@ -823,7 +823,7 @@ def test_pickle_off_raises_unserializable(value: Any) -> None:
     assert type(value).__qualname__ in message
     assert '"ALLOW_PICKLE": True' in message
     assert error.__cause__ is not None
-    assert envelope_module._state.depth == 0
+    assert codec._state.depth == 0
     # The envelope is still usable afterwards.
     assert envelope.decode(envelope.encode(((1,), {2}))).value == ((1,), {2})
 
@@ -892,7 +892,7 @@ def _pickle_with_broken_zstd() -> bytes:
 
 
 BIG = b"\x00" * (2 * 1024 * 1024)
-NOON = envelope_module._DT.pack(2024, 1, 1, 12, 0, 0, 0, 0)
+NOON = extensions._DT.pack(2024, 1, 1, 12, 0, 0, 0, 0)
 CRAFTED: list[tuple[str, str, bytes]] = [
     ("foreign", "empty", b""),
     ("foreign", "text", b"hello"),

@@ -1,0 +1,136 @@
+"""The public description of stored bytes: describe() and its name tables.
+
+Pure: no Redis, no Django settings.
+"""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from django_apee.core.envelope import Envelope
+from django_apee.core.wire import (
+    CODEC_NAMES,
+    CODECS,
+    COMPRESSION_NAMES,
+    COMPRESSIONS,
+    FORMAT_VERSION,
+    HEADER_PEEK_BYTES,
+    MAGIC,
+    MAX_META_LEN,
+    Header,
+    Meta,
+    describe,
+    peek_meta,
+)
+
+KEY = b"current-signing-key-0123456789ab"
+META = Meta(soft_ms=1000, hard_ms=5000, grace_ms=300, delta_ms=20, seed=7)
+
+
+@pytest.fixture(autouse=True)
+def _empty_redis() -> None:
+    """Shadow conftest's autouse FLUSHDB: this module needs no Redis at all."""
+
+
+def test_name_tables_match_the_flag_bits() -> None:
+    assert CODECS == {"msgpack": 0, "pickle": 1}
+    assert COMPRESSIONS == {"none": 0, "zstd": 1, "lz4": 2, "zlib": 3}
+    assert {number: name for name, number in CODECS.items()} == CODEC_NAMES
+    assert {number: name for name, number in COMPRESSIONS.items()} == (
+        COMPRESSION_NAMES
+    )
+
+
+@pytest.mark.parametrize("codec", ["msgpack", "pickle"])
+@pytest.mark.parametrize("compressor", ["zstd", "zlib", "none"])
+@pytest.mark.parametrize("meta", [None, META])
+def test_describe_says_what_was_written(
+    codec: str, compressor: str, meta: Meta | None
+) -> None:
+    envelope = Envelope(
+        codec=codec, compressor=compressor, compress_min_bytes=0, signing_keys=[KEY]
+    )
+    data = envelope.encode({"rows": ["x" * 40] * 20}, meta)
+    assert isinstance(data, bytes)
+    header = describe(data)
+    assert header is not None
+    assert header.version == FORMAT_VERSION
+    assert header.codec == codec
+    assert header.compression == compressor
+    assert header.meta == meta
+    assert header.has_meta is (meta is not None)
+    assert header.signed is (codec == "pickle")
+    meta_end = 4 if meta is None else 5 + data[4]
+    assert header.header_len == meta_end + (32 if codec == "pickle" else 0)
+    assert header.payload_len == len(data) - header.header_len
+
+
+def test_describe_reads_a_header_peek() -> None:
+    envelope = Envelope(codec="pickle", signing_keys=[KEY])
+    data = envelope.encode("v" * 100_000, META)
+    assert isinstance(data, bytes)
+    whole, peeked = describe(data), describe(data[:HEADER_PEEK_BYTES])
+    assert whole is not None
+    assert peeked is not None
+    assert peeked._replace(payload_len=0) == whole._replace(payload_len=0)
+    assert peeked.meta == META == peek_meta(data[:HEADER_PEEK_BYTES])
+
+
+def test_the_longest_metadata_fits_in_a_peek() -> None:
+    # Readers ignore trailing fields, so metadata may be as long as its
+    # length byte allows: 4 header bytes + 1 length byte + 255.
+    meta = msgpack.packb([1, 2, 3, 4, 5] + [0] * 247)
+    assert len(meta) == MAX_META_LEN
+    payload = msgpack.packb("x" * 2000)
+    data = MAGIC + bytes((FORMAT_VERSION, 0x10, len(meta))) + meta + payload
+    assert Envelope(pickle_fallback=False).decode(data).meta == Meta(1, 2, 3, 4, 5)
+    header = describe(data[:HEADER_PEEK_BYTES])
+    assert header is not None
+    assert header.meta == Meta(1, 2, 3, 4, 5)
+    assert header.header_len == 4 + 1 + MAX_META_LEN
+    assert peek_meta(data[:HEADER_PEEK_BYTES]) == Meta(1, 2, 3, 4, 5)
+    assert describe(data[: 4 + 1 + MAX_META_LEN - 1]) is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"42",
+        b"-7",
+        b"hello",
+        MAGIC,
+        MAGIC + b"\x02\x00\xa1x",  # another format version
+        MAGIC + b"\x01",  # cut inside the header
+        MAGIC + b"\x01\x20\xa1x",  # reserved flag bit
+        MAGIC + b"\x01\x02\xa1x",  # reserved codec
+        MAGIC + b"\x01\x10",  # metadata length missing
+        MAGIC + b"\x01\x10\x05\x95",  # metadata cut off
+        MAGIC + b"\x01\x10\x01\xc1",  # metadata not msgpack
+        MAGIC + b"\x01\x10\x01\xa1",  # metadata not an array
+    ],
+)
+def test_describe_returns_none_for_what_it_cannot_read(data: bytes) -> None:
+    assert describe(data) is None
+
+
+@pytest.mark.parametrize("data", [None, 42, "text", [1, 2], object()])
+def test_describe_never_raises(data: object) -> None:
+    assert describe(data) is None  # type: ignore[arg-type]
+
+
+def test_describe_takes_other_bytes_like_objects() -> None:
+    data = Envelope(pickle_fallback=False).encode("value", META)
+    assert isinstance(data, bytes)
+    expected = describe(data)
+    assert expected == Header(
+        version=FORMAT_VERSION,
+        codec="msgpack",
+        compression="none",
+        meta=META,
+        header_len=5 + data[4],
+        payload_len=len(data) - 5 - data[4],
+    )
+    assert describe(bytearray(data)) == expected
+    assert describe(memoryview(data)) == expected
