@@ -26,10 +26,10 @@ Signed pickle
 =============
 Types msgpack cannot carry (``HttpResponse`` from ``cache_page``, model
 instances) are pickled with ``pickle.HIGHEST_PROTOCOL`` and HMAC-SHA256
-signed. The keys are used as given; deriving them from ``SECRET_KEY`` and
-``SECRET_KEY_FALLBACKS`` (so a leaked cache key is not the Django secret) is
-the caller's job. The first key signs, every key verifies, which makes secret
-rotation seamless. A reader whose pickle fallback is off does not
+signed. The keys are used as given; :func:`derive_signing_keys` turns
+``SECRET_KEY`` and ``SECRET_KEY_FALLBACKS`` into keys (so a leaked cache key
+is not the Django secret). The first key signs, every key verifies, which
+makes secret rotation seamless. A reader whose pickle fallback is off does not
 unpickle anything, even correctly signed data (reason ``"codec_unavailable"``):
 "pickle off" means no pickle in this process, in either direction.
 """
@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from django_apee.core import compression
@@ -83,19 +83,42 @@ __all__ = [
     "DECODE_REASONS",
     "FORMAT_VERSION",
     "MAGIC",
+    "SIGNING_KEY_LABEL",
     "DecodeError",
     "Decoded",
     "Envelope",
     "Meta",
     "UnserializableValueError",
+    "derive_signing_keys",
     "is_raw_int",
     "peek_meta",
 ]
+
+#: Prefixed to each secret before hashing it into a signing key, so the key
+#: serves this purpose only. Values already in Redis are signed with keys
+#: derived with it: changing it makes every stored pickle unreadable.
+SIGNING_KEY_LABEL = b"django_apee.envelope.pickle\x00"
 
 _UINT64_LIMIT = 2**64
 
 # Every (flags) -> 4-byte header, so encoding concatenates instead of packing.
 _HEADERS = tuple(MAGIC + bytes((FORMAT_VERSION, flags)) for flags in range(0x20))
+
+
+def derive_signing_keys(secrets: Iterable[str]) -> list[bytes]:
+    """Signing keys for :class:`Envelope` from secrets, in the same order.
+
+    Derived, not used raw, so the HMAC key is specific to this purpose. Give
+    ``SECRET_KEY`` first, then ``SECRET_KEY_FALLBACKS``: the first key signs,
+    the fallbacks keep a rotation reading what is already cached. Empty
+    secrets are skipped.
+    """
+    return [
+        # str() as well: a bytes secret has always been hashed as its repr.
+        hashlib.sha256(SIGNING_KEY_LABEL + str(secret).encode()).digest()
+        for secret in secrets
+        if secret
+    ]
 
 
 class Envelope:

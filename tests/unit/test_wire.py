@@ -1,4 +1,4 @@
-"""The public description of stored bytes: describe() and its name tables.
+"""The public description of stored bytes, and the signing-key derivation.
 
 Pure: no Redis, no Django settings.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from django_apee.core.envelope import Envelope
+from django_apee.core.envelope import Envelope, derive_signing_keys
 from django_apee.core.wire import (
     CODEC_NAMES,
     CODECS,
@@ -134,3 +134,18 @@ def test_describe_takes_other_bytes_like_objects() -> None:
     )
     assert describe(bytearray(data)) == expected
     assert describe(memoryview(data)) == expected
+
+
+def test_signing_keys_are_derived_as_they_always_were() -> None:
+    # Values in Redis are signed with these keys: they must never change.
+    assert [key.hex() for key in derive_signing_keys(["secret", "", "old-secret"])] == [
+        "79e7685ca7f8f0d016d0bf5a81401efe099e6a0009a730cd1c5645de7129364c",
+        "03eafaadcf82f565fadb474899e5e8978b45acb6a9b4d21ec09adfc9066a14ad",
+    ]
+    assert derive_signing_keys([]) == []
+
+
+def test_derived_keys_rotate() -> None:
+    new, old = derive_signing_keys(["new", "old"])
+    stored = Envelope(codec="pickle", signing_keys=[old]).encode("x")
+    assert Envelope(codec="pickle", signing_keys=[new, old]).decode(stored).value == "x"
