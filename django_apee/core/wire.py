@@ -2,7 +2,7 @@
 
 The envelope, the stats command and the Lua scripts all look at the same
 header; the layout, its numbers and the names of its codecs and compressions
-live here so that they cannot drift apart (``tests/test_wire_lua.py`` checks
+live here so that they cannot drift apart (``tests/unit/test_wire_lua.py`` checks
 the literals the Lua scripts have to spell out). This module reads headers and
 metadata only: the payload's codec, compression and signature are elsewhere.
 

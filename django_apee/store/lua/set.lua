@@ -5,7 +5,9 @@
 -- ARGV[4] wake channel. Returns 1 when stored, else 0.
 -- An entry kept past its hard timeout only for stale_if_error is absent for
 -- Django: add() (NX) must be able to replace it. Its grace is the third
--- field of the envelope's metadata (see envelope.py), read without the value.
+-- field of the envelope's metadata, read without the value. The header bytes,
+-- offsets and field order below are django_apee/core/wire.py's; the test
+-- tests/unit/test_wire_lua.py fails when the two disagree.
 if ARGV[3] == "NX" then
   local head = redis.call("GETRANGE", KEYS[1], 0, 260)
   if string.sub(head, 1, 3) == "\193\169\1" and string.len(head) >= 5
