@@ -34,15 +34,18 @@ import msgpack
 from django_apee.core.extensions import (
     EXT_BYTEARRAY,
     EXT_FROZENSET,
+    EXT_SAFESTRING,
     EXT_SET,
     EXT_TUPLE,
     SCALAR_DECODERS,
     SCALAR_ENCODERS,
     Unsupported,
     _Corrupt,
+    encode_safe_string,
+    safe_string_decoder,
 )
 
-__all__ = ["MSGPACK_FAILURES", "pack", "pack_value", "unpack"]
+__all__ = ["MSGPACK_FAILURES", "pack", "pack_value", "register_safe_string", "unpack"]
 
 # tuple/set/frozenset nested deeper than this (each level costs Python frames
 # when packing and unpacking) go to pickle instead.
@@ -236,6 +239,7 @@ _DECODERS: dict[int, Callable[[bytes], Any]] = {
     EXT_SET: _dec_set,
     EXT_FROZENSET: _dec_frozenset,
     **SCALAR_DECODERS,
+    EXT_SAFESTRING: safe_string_decoder(None),
     EXT_BYTEARRAY: _dec_bytearray,
 }
 
@@ -255,6 +259,31 @@ def unpack(data: bytes) -> Any:
 
     Any exception means the bytes are not a value this codec wrote (the
     envelope reports it as ``corrupt``), except
-    :class:`~django_apee.core.wire.DecodeError` for a time zone unknown here.
+    :class:`~django_apee.core.wire.DecodeError` for a time zone or a type
+    not available here.
     """
     return _unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+
+
+# --------------------------------------------------------------------------
+# Django's SafeString, handed in
+# --------------------------------------------------------------------------
+
+_safe_string: type[str] | None = None
+
+
+def register_safe_string(cls: type[str] | None) -> None:
+    """Carry ``cls``, Django's ``SafeString``, as extension 12 from now on.
+
+    The core does not import Django, so the backend hands the class in once,
+    before it encodes or decodes anything; until then a ``SafeString`` goes to
+    pickle and extension 12 reads as ``codec_unavailable``. Exactly ``cls``
+    is carried, not its subclasses. ``None`` takes it back (for tests).
+    """
+    global _safe_string
+    if _safe_string is not None:
+        del _ENCODERS[_safe_string]
+    _safe_string = cls
+    if cls is not None:
+        _ENCODERS[cls] = encode_safe_string
+    _DECODERS[EXT_SAFESTRING] = safe_string_decoder(cls)

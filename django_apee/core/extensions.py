@@ -27,6 +27,7 @@ code  Python type          ext data
 10    Decimal              ASCII ``str(d)`` (exact: NaN, sNaN, -0, exponent)
 11    UUID                 the 16 bytes
 12    SafeString           UTF-8 text; decoded back to ``SafeString``
+                           (Django's, handed in: see below)
 13    int outside          big-endian two's complement
      [-2**63, 2**64)
 14    bytearray            the bytes
@@ -44,6 +45,12 @@ TZ is one tag byte and its data:
 Any other tzinfo (pytz, dateutil, a ``ZoneInfo`` subclass or one loaded from a
 file without a key) cannot be carried faithfully, so the value falls back to
 pickle.
+
+The core does not import Django, so Django's ``SafeString`` (what templates
+and ``mark_safe`` return, common in cached fragments) is handed in by the
+backend with :func:`django_apee.core.codec.register_safe_string`. Until then a
+``SafeString`` is a ``str`` subclass like any other (it goes to pickle), and
+extension 12 reads as ``codec_unavailable``.
 """
 
 from __future__ import annotations
@@ -57,7 +64,6 @@ from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgpack
-from django.utils.safestring import SafeString
 
 from django_apee.core.wire import DecodeError
 
@@ -181,7 +187,7 @@ def _enc_uuid(obj: Any) -> msgpack.ExtType:
     return msgpack.ExtType(EXT_UUID, obj.bytes)
 
 
-def _enc_safestring(obj: Any) -> msgpack.ExtType:
+def encode_safe_string(obj: Any) -> msgpack.ExtType:
     return msgpack.ExtType(EXT_SAFESTRING, obj.encode("utf-8"))
 
 
@@ -201,7 +207,6 @@ SCALAR_ENCODERS: dict[type, Callable[[Any], msgpack.ExtType]] = {
     timedelta: _enc_timedelta,
     Decimal: _enc_decimal,
     UUID: _enc_uuid,
-    SafeString: _enc_safestring,
     int: _enc_bigint,
 }
 
@@ -273,8 +278,21 @@ def _dec_uuid(data: bytes) -> Any:
     return UUID(bytes=data)
 
 
-def _dec_safestring(data: bytes) -> Any:
-    return SafeString(data.decode("utf-8"))
+def safe_string_decoder(cls: type[str] | None) -> Callable[[bytes], Any]:
+    """How extension 12 reads back: as ``cls``, or not at all without one."""
+    if cls is None:
+
+        def unavailable(data: bytes) -> Any:
+            raise DecodeError(
+                "codec_unavailable", "a SafeString, but no SafeString type here"
+            )
+
+        return unavailable
+
+    def decode(data: bytes) -> Any:
+        return cls(data.decode("utf-8"))
+
+    return decode
 
 
 def _dec_bigint(data: bytes) -> Any:
@@ -290,6 +308,5 @@ SCALAR_DECODERS: dict[int, Callable[[bytes], Any]] = {
     EXT_TIMEDELTA: _dec_timedelta,
     EXT_DECIMAL: _dec_decimal,
     EXT_UUID: _dec_uuid,
-    EXT_SAFESTRING: _dec_safestring,
     EXT_BIGINT: _dec_bigint,
 }

@@ -10,6 +10,7 @@ import sys
 import threading
 import zlib
 from collections import OrderedDict, namedtuple
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
@@ -48,6 +49,14 @@ needs_lz4 = pytest.mark.skipif(lz4_frame is None, reason="lz4 is not installed")
 @pytest.fixture(autouse=True)
 def _empty_redis() -> None:
     """Shadow conftest's autouse FLUSHDB: this module needs no Redis at all."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _safe_strings() -> Iterator[None]:
+    """Hand Django's SafeString to the pure codec, as the backend does."""
+    codec.register_safe_string(SafeString)
+    yield
+    codec.register_safe_string(None)
 
 
 KEY = b"current-signing-key-0123456789ab"

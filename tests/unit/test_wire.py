@@ -1,4 +1,5 @@
-"""The public description of stored bytes, and the signing-key derivation.
+"""The core's public pieces around the envelope: the description of stored
+bytes, the signing-key derivation, and the SafeString hand-in.
 
 Pure: no Redis, no Django settings.
 """
@@ -7,8 +8,10 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from django.utils.safestring import SafeString
 
-from django_apee.core.envelope import Envelope, derive_signing_keys
+from django_apee.core.codec import register_safe_string
+from django_apee.core.envelope import DecodeError, Envelope, derive_signing_keys
 from django_apee.core.wire import (
     CODEC_NAMES,
     CODECS,
@@ -149,3 +152,27 @@ def test_derived_keys_rotate() -> None:
     new, old = derive_signing_keys(["new", "old"])
     stored = Envelope(codec="pickle", signing_keys=[old]).encode("x")
     assert Envelope(codec="pickle", signing_keys=[new, old]).decode(stored).value == "x"
+
+
+def test_safe_strings_need_the_type_handed_in() -> None:
+    # The core does not import Django: the backend hands SafeString in.
+    envelope = Envelope(signing_keys=[KEY])
+    fragment = SafeString("<b>bold</b>")
+    register_safe_string(None)
+    written_without = envelope.encode(fragment)
+    register_safe_string(SafeString)
+    try:
+        written_with = envelope.encode(fragment)
+    finally:
+        register_safe_string(None)
+    assert isinstance(written_without, bytes)
+    assert isinstance(written_with, bytes)
+    header_without, header_with = describe(written_without), describe(written_with)
+    assert header_without is not None
+    assert header_with is not None
+    assert header_without.codec == "pickle"
+    assert header_with.codec == "msgpack"
+    with pytest.raises(DecodeError) as info:
+        envelope.decode(written_with)
+    assert info.value.reason == "codec_unavailable"
+    assert type(envelope.decode(written_without).value) is SafeString
