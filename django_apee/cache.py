@@ -13,7 +13,6 @@ during ``manage.py check``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -21,6 +20,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.safestring import SafeString
 from django_redis.cache import RedisCache, omit_exception
 from django_redis.exceptions import ConnectionInterrupted
 
@@ -28,12 +28,18 @@ from django_apee import runtime
 from django_apee.client import client_class
 from django_apee.conf import ApeeOptions, utc_today
 from django_apee.core import MISSING
-from django_apee.core.envelope import DecodeError, Envelope
+from django_apee.core.codec import register_safe_string
+from django_apee.core.envelope import DecodeError, Envelope, derive_signing_keys
 from django_apee.engine.stampede import Call, make_spec
 from django_apee.observe.logs import RateLimitedLog
 from django_apee.store.errors import REDIS_ERRORS
 
 logger = logging.getLogger("django_apee")
+
+# Template fragments must come back safe: the msgpack codec carries Django's
+# SafeString as an extension type, and the core (which knows no Django) is
+# told the class here.
+register_safe_string(SafeString)
 
 #: One limiter for the process: Django builds a backend per thread, and a
 #: corrupt hot key is read by all of them.
@@ -49,12 +55,9 @@ def signing_keys() -> list[bytes]:
     The fallbacks let a SECRET_KEY rotation keep reading what is already
     cached.
     """
-    secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ())]
-    return [
-        hashlib.sha256(b"django_apee.envelope.pickle\x00" + str(s).encode()).digest()
-        for s in secrets
-        if s
-    ]
+    return derive_signing_keys(
+        [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ())]
+    )
 
 
 class ApeeCache(RedisCache):  # type: ignore[misc]
