@@ -2,7 +2,7 @@
 
 Static checks (``apee.E…``) read only settings: they run with every
 ``manage.py`` command and never talk to Redis. Live checks (``apee.W…``) ask
-Redis how it is configured (``stats.lint``) and run only under
+Redis how it is configured (``observe.server.lint``) and run only under
 ``check --deploy``, with short timeouts; a Redis that cannot be reached is a
 warning saying so, never an exception.
 """
@@ -98,12 +98,12 @@ def check_redis(**kwargs: Any) -> list[checks.CheckMessage]:
 
 
 def _live(alias: str, config: dict[str, Any]) -> list[checks.CheckMessage]:
-    from django_apee.observe import stats
+    from django_apee.observe import server
 
     try:
         client = _client(config)
         try:
-            lint = stats.lint(client)
+            lint = server.lint(client)
         finally:
             client.close()
     except Exception as error:  # any failure to look is a warning, not a crash

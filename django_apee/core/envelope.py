@@ -40,7 +40,7 @@ import hashlib
 import hmac
 import pickle
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from django_apee.core import compression
 from django_apee.core.codec import MSGPACK_FAILURES, pack, pack_value, unpack
@@ -88,6 +88,7 @@ __all__ = [
     "Decoded",
     "Envelope",
     "Meta",
+    "Opened",
     "UnserializableValueError",
     "derive_signing_keys",
     "is_raw_int",
@@ -100,6 +101,17 @@ __all__ = [
 SIGNING_KEY_LABEL = b"django_apee.envelope.pickle\x00"
 
 _UINT64_LIMIT = 2**64
+
+
+class Opened(NamedTuple):
+    """An envelope checked and unwrapped, its payload not yet decoded."""
+
+    #: ``CODEC_MSGPACK`` or ``CODEC_PICKLE``.
+    codec: int
+    meta: Meta | None
+    #: The codec's bytes, decompressed.
+    payload: bytes
+
 
 # Every (flags) -> 4-byte header, so encoding concatenates instead of packing.
 _HEADERS = tuple(MAGIC + bytes((FORMAT_VERSION, flags)) for flags in range(0x20))
@@ -312,6 +324,32 @@ class Envelope:
             ) from None
 
     def _decode(self, data: bytes) -> Decoded:
+        codec, meta, payload = self._open(data)
+        if codec == CODEC_PICKLE:
+            return Decoded(pickle.loads(payload), meta)
+        return Decoded(unpack(payload), meta)
+
+    def open(self, data: bytes) -> Opened:
+        """Check and unwrap an envelope without turning its payload into a value.
+
+        The signature is verified and the payload decompressed (within the
+        size cap), exactly as ``decode`` would, but nothing is unpickled or
+        unpacked: ``apee_stats --key`` describes a value this way. Raises
+        :class:`DecodeError` (also for raw ints and foreign bytes).
+        """
+        if not isinstance(data, bytes) or not data.startswith(MAGIC):
+            raise DecodeError("foreign", "not a django-apee envelope (no magic)")
+        try:
+            return Opened(*self._open(data))
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise DecodeError(
+                "corrupt", f"undecodable payload: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _open(self, data: bytes) -> tuple[int, Meta | None, bytes]:
+        """(codec, meta, the codec's bytes): verified, decompressed."""
         flags, pos = read_header(data)
         codec = flags & CODEC_MASK
         if codec == CODEC_PICKLE:
@@ -340,9 +378,7 @@ class Envelope:
 
         if not payload:
             raise DecodeError("truncated", "payload is empty")
-        if codec == CODEC_PICKLE:
-            return Decoded(pickle.loads(payload), meta)
-        return Decoded(unpack(payload), meta)
+        return codec, meta, payload
 
     def _verify(self, prefix: bytes, payload: bytes, signature: bytes) -> bool:
         for base in self._macs:

@@ -1,8 +1,13 @@
 """``manage.py apee_stats``: a cache's Redis, its fleet counters, one key, a lint.
 
-Gathering lives in ``django_apee.observe.stats``; this command picks the mode, loops
-for ``--watch`` and formats (an aligned table, or JSON shaped as
-``django_apee/observe/stats.schema.json``).
+Gathering lives in ``django_apee.observe``; this command finds each alias's
+backend and connection, picks the mode, loops for ``--watch`` and formats (an
+aligned table, or JSON shaped as ``django_apee/observe/stats.schema.json``).
+
+What it shows may come from anyone who can write to Redis, so key names are
+escaped (no terminal control sequences), passwords in LOCATION are redacted,
+``--scan`` stays inside the alias's KEY_PREFIX unless ``--all-keys`` and masks
+session keys, and ``--key`` does not unpickle a value unless ``--show-value``.
 """
 
 from __future__ import annotations
@@ -12,10 +17,14 @@ import time
 from typing import Any
 
 from django.conf import settings
+from django.core.cache import caches
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from redis.exceptions import RedisError
 
+from django_apee.cache import ApeeCache
 from django_apee.conf import apee_aliases
-from django_apee.observe import stats
+from django_apee.observe import server, stats
+from django_apee.observe.text import printable, redact_url
 
 #: Exit status when --check finds something (errors reaching Redis exit 1).
 FINDINGS_EXIT = 2
@@ -49,6 +58,16 @@ class Command(BaseCommand):  # type: ignore[misc]
             help="largest keys matching PATTERN (default: the alias's keys)",
         )
         parser.add_argument("--top", type=int, default=20)
+        parser.add_argument(
+            "--all-keys",
+            action="store_true",
+            help="--scan the whole database, not only the alias's KEY_PREFIX",
+        )
+        parser.add_argument(
+            "--show-value",
+            action="store_true",
+            help="--key: also decode the value (this unpickles signed pickles)",
+        )
         parser.add_argument(
             "--check", action="store_true", help="lint the Redis configuration"
         )
@@ -105,24 +124,38 @@ class Command(BaseCommand):  # type: ignore[misc]
 
     @staticmethod
     def _gather(mode: str, alias: str, options: dict[str, Any]) -> dict[str, Any]:
-        def gather(alias: str) -> dict[str, Any]:
+        def gather() -> dict[str, Any]:
+            backend = backend_of(alias)
+            client = backend.client.get_client(write=True)
             if mode == "overview":
-                return stats.overview(alias)
-            backend = stats.backend_of(alias)
-            client = stats.client_of(backend)
+                return {
+                    "alias": alias,
+                    "location": location(backend),
+                    "server": server.health(client),
+                    "fleet": stats.fleet_counters(client, backend.key_prefix, alias),
+                    "leases": stats.leases(client, backend.key_prefix),
+                }
             if mode == "key":
-                found = stats.inspect_key(
-                    backend, client, options["key"], options["key_version"]
+                key, version = options["key"], options["key_version"]
+                made = str(backend.client.make_key(key, version=version))
+                found = stats.inspect_entry(
+                    client,
+                    made,
+                    backend.envelope,
+                    backend.options.policy,
+                    show_value=options["show_value"],
                 )
-                return {"alias": alias, "entry": found}
+                return {"alias": alias, "entry": {"key": key, **found}}
             if mode == "scan":
-                pattern = options["scan"] or f"{backend.key_prefix}:*"
+                pattern = scan_pattern(
+                    backend.key_prefix, options["scan"], options["all_keys"]
+                )
                 found = stats.scan_top(client, pattern, options["top"])
                 return {"alias": alias, "scan": found}
-            return {"alias": alias, "lint": stats.lint(client)}
+            return {"alias": alias, "lint": server.lint(client)}
 
         try:
-            return stats.guarded(alias, gather)
+            return guarded(alias, gather)
         except stats.StatsError as error:
             return {"alias": alias, "error": str(error)}
 
@@ -154,12 +187,56 @@ def _interval_rates(
     }
 
 
+# -- where the figures come from -------------------------------------------------------
+
+
+def backend_of(alias: str) -> ApeeCache:
+    if alias not in settings.CACHES:
+        raise stats.StatsError(f"no cache alias {alias!r} in CACHES")
+    backend = caches[alias]
+    if not isinstance(backend, ApeeCache):
+        raise stats.StatsError(f"cache {alias!r} is not a django_apee ApeeCache")
+    return backend
+
+
+def location(backend: ApeeCache) -> str:
+    """The alias's first server, never with a password."""
+    servers = backend._server
+    first = servers[0] if isinstance(servers, (list, tuple)) else str(servers)
+    return redact_url(str(first).split(",")[0])
+
+
+def scan_pattern(key_prefix: str, pattern: str, all_keys: bool) -> str:
+    """``--scan``'s SCAN pattern: inside the alias's keys unless ``--all-keys``."""
+    if all_keys:
+        return pattern or "*"
+    return f"{key_prefix}:{pattern or '*'}"
+
+
+def guarded(alias: str, gather: Any) -> dict[str, Any]:
+    """Run ``gather()``; a Redis failure becomes a StatsError (no traceback)."""
+    try:
+        result: dict[str, Any] = gather()
+    except (RedisError, OSError) as error:
+        raise stats.StatsError(
+            f"cache {alias!r}: Redis unreachable: {error}"
+        ) from error
+    except Exception as error:
+        if type(error).__name__ == "ConnectionInterrupted":
+            message = f"cache {alias!r}: Redis unreachable: {error}"
+            raise stats.StatsError(message) from error
+        raise
+    return result
+
+
 # -- human output ----------------------------------------------------------------------
 
 
 def table(rows: list[tuple[str, Any]], indent: str = "  ") -> str:
-    width = max((len(name) for name, _ in rows), default=0)
-    lines = (f"{indent}{name.ljust(width)}  {value}" for name, value in rows)
+    """Aligned rows; every cell escaped, since key names come from Redis."""
+    cells = [(printable(str(name)), printable(str(value))) for name, value in rows]
+    width = max((len(name) for name, _ in cells), default=0)
+    lines = (f"{indent}{name.ljust(width)}  {value}" for name, value in cells)
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -191,7 +268,7 @@ def _ms(value: Any) -> str:
 def human(mode: str, result: dict[str, Any]) -> str:
     head = f"cache {result['alias']!r}"
     if "error" in result:
-        return f"{head}: ERROR {result['error']}"
+        return f"{head}: ERROR {printable(result['error'])}"
     body = {
         "overview": _human_overview,
         "key": _human_key,
@@ -236,7 +313,7 @@ def _human_overview(result: dict[str, Any]) -> str:
         ("computes per minute", rates["computes_per_minute"]),
         ("fallbacks per minute", rates["fallbacks_per_minute"]),
         ("lease wait p95", _secs(ratios["lease_wait_p95_seconds"])),
-        ("serialization errors", stats._sum(window, "serialization_errors")),
+        ("serialization errors", stats.sum_of(window, "serialization_errors")),
         ("", ""),
         ("leases held now", f"{held['count']}{'' if held['complete'] else '+'}"),
     ]
@@ -279,6 +356,8 @@ def _human_key(result: dict[str, Any]) -> str:
             ("soft TTL left", _ms(entry.get("soft_ttl_ms"))),
             ("delta (compute time)", _ms(entry.get("delta_ms"))),
         ]
+        if "value" in entry:
+            rows.append(("value", entry["value"]))
     held = entry["lease"]
     if held is None:
         rows.append(("lease", "none"))
@@ -295,7 +374,8 @@ def _human_scan(result: dict[str, Any]) -> str:
     scan = result["scan"]
     rows = [(one["key"], _size(one["memory_bytes"])) for one in scan["top"]]
     more = "" if scan["complete"] else " (stopped at the bound)"
-    head = f"  {scan['scanned']} keys scanned matching {scan['pattern']!r}{more}"
+    pattern = printable(scan["pattern"])
+    head = f"  {scan['scanned']} keys scanned matching {pattern!r}{more}"
     return head + ("\n" + table(rows) if rows else "\n  none")
 
 
