@@ -1,3 +1,7 @@
+"""The app config: system checks, metrics series and the CACHES change hook."""
+
+from __future__ import annotations
+
 from typing import Any
 
 from django.apps import AppConfig

@@ -1,4 +1,4 @@
-"""The envelope's public names, where releases before 0.2 exported them.
+"""The envelope's public names at their first import path, kept for users.
 
 The envelope lives in ``django_apee.core.envelope``, the byte layout in
 ``django_apee.core.wire``.
