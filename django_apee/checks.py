@@ -4,19 +4,25 @@ Static checks (``apee.E…``) read only settings: they run with every
 ``manage.py`` command and never talk to Redis. Live checks (``apee.W…``) ask
 Redis how it is configured (``observe.server.lint``) and run only under
 ``check --deploy``, with short timeouts; a Redis that cannot be reached is a
-warning saying so, never an exception.
+warning saying so, never an exception. ``apee.W006`` asks, through the
+backend's own connection (its user, password, Sentinel), whether that user
+may use the alias's wake-up channel.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from django.conf import settings
 from django.core import checks
+from django.core.cache import caches
 from django.core.exceptions import ImproperlyConfigured
+from redis.exceptions import NoPermissionError
 
 from django_apee.client import client_class
 from django_apee.conf import apee_aliases, parse, utc_today
+from django_apee.store.wake import CHANNEL_PREFIX, acl_rule, acl_user, wake_channel
 
 #: Socket timeouts of the live checks' own connection, in seconds.
 LIVE_TIMEOUT = 1.0
@@ -26,6 +32,7 @@ def register() -> None:
     checks.register(check_options, "caches")
     checks.register(check_redis, "caches", deploy=True)
     checks.register(check_legacy_reads, "caches", "security", deploy=True)
+    checks.register(check_wake_channel, "caches", deploy=True)
 
 
 def _apee_caches() -> dict[str, dict[str, Any]]:
@@ -140,3 +147,63 @@ def _client(config: dict[str, Any]) -> Any:
         socket_timeout=LIVE_TIMEOUT,
         retry_on_timeout=False,
     )
+
+
+def check_wake_channel(**kwargs: Any) -> list[checks.CheckMessage]:
+    """apee.W006: the alias's Redis user may not use its wake-up channel.
+
+    Asked through the backend's own connection, so its USERNAME, PASSWORD
+    and Sentinel apply (and its socket timeouts bound the wait). A Redis
+    that cannot be reached, or bad OPTIONS, are other checks' business
+    (apee.W001, E001): skipped here.
+    """
+    found: list[checks.CheckMessage] = []
+    for alias in _apee_caches():
+        try:
+            backend = caches[alias]
+            channel = wake_channel(backend.key_prefix)
+            client = backend.client.get_client(write=True)
+            denied = _denied_on(client, channel)
+        except Exception:  # unreachable, misconfigured: said elsewhere
+            denied = []
+        if denied:
+            user = acl_user(client)
+            found.append(
+                checks.Warning(
+                    f"the Redis user {user!r} may not {' or '.join(denied)} on "
+                    f"the wake-up channel {channel!r}: waiters are not woken "
+                    "when a computation ends and wait to its lease's end "
+                    "(slower, never wrong).",
+                    hint=f"Grant it: {acl_rule(channel, user)} "
+                    f"(or &{CHANNEL_PREFIX}* for every prefix).",
+                    obj=alias,
+                    id="apee.W006",
+                )
+            )
+    return found
+
+
+def _denied_on(client: Any, channel: str) -> list[str]:
+    """Which of SUBSCRIBE and PUBLISH ``client``'s user is refused on ``channel``.
+
+    Tries both for real: the empty message published names no key, so it
+    wakes nobody. Errors other than NOPERM propagate.
+    """
+    denied: list[str] = []
+    pubsub = client.pubsub()
+    try:
+        pubsub.subscribe(channel)
+        deadline = time.monotonic() + LIVE_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            message = pubsub.get_message(timeout=left)  # NOPERM raises here
+            if message is not None and message["type"] == "subscribe":
+                break
+    except NoPermissionError:
+        denied.append("SUBSCRIBE")
+    finally:
+        pubsub.close()
+    try:
+        client.publish(channel, "")
+    except NoPermissionError:
+        denied.append("PUBLISH")
+    return denied

@@ -31,7 +31,7 @@ from django_apee.core.keys import LEASE, companion
 from django_apee.engine.herd import Row
 from django_apee.observe import metrics
 from django_apee.store import scripts
-from django_apee.store.wake import WAKE_CHANNEL
+from django_apee.store.wake import wake_channel
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -188,6 +188,11 @@ class ApeeClientMixin(InPlaceMixin):
         )
         return found
 
+    @property
+    def wake_channel(self) -> str:
+        """Where this alias's lease ends are announced (its KEY_PREFIX's)."""
+        return wake_channel(self._backend.key_prefix)
+
     def set(
         self,
         key: Any,
@@ -224,7 +229,7 @@ class ApeeClientMixin(InPlaceMixin):
                 client,
                 "set",
                 keys=[made, companion(made, LEASE)],
-                args=[encoded, "" if px is None else px, mode, WAKE_CHANNEL],
+                args=[encoded, "" if px is None else px, mode, self.wake_channel],
             )
             return bool(stored)
 
@@ -262,7 +267,7 @@ class ApeeClientMixin(InPlaceMixin):
                     won.fingerprint,
                     encoded,
                     "" if px is None else px,
-                    WAKE_CHANNEL,
+                    won.lease.channel,
                 ],
             )
         if isinstance(client, Pipeline):
@@ -284,7 +289,7 @@ class ApeeClientMixin(InPlaceMixin):
             if nx:
                 # add() with timeout 0: true when the key was absent; store nothing.
                 return not client.exists(made)
-            deleted = bool(self._revoke(client, made))
+            deleted = bool(self._revoke(client, made, self.wake_channel))
         return deleted if xx else True
 
     def pttl(
@@ -378,7 +383,7 @@ class ApeeClientMixin(InPlaceMixin):
         with interrupted(client):
             pipeline = client.pipeline(transaction=False)
             for one in made:
-                self._revoke(pipeline, one)
+                self._revoke(pipeline, one, self.wake_channel)
             return sum(pipeline.execute())
 
     def delete(
@@ -393,15 +398,12 @@ class ApeeClientMixin(InPlaceMixin):
         if client is None:
             client = self.get_client(write=True)
         with interrupted(client):
-            return int(self._revoke(client, made))
+            return int(self._revoke(client, made, self.wake_channel))
 
     @staticmethod
-    def _revoke(client: Any, made: CacheKey) -> Any:
+    def _revoke(client: Any, made: CacheKey, channel: str) -> Any:
         return scripts.run(
-            client,
-            "delete",
-            keys=[made, companion(made, LEASE)],
-            args=[WAKE_CHANNEL],
+            client, "delete", keys=[made, companion(made, LEASE)], args=[channel]
         )
 
 

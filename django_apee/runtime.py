@@ -23,7 +23,7 @@ from django_apee.engine.herd import Herd
 from django_apee.engine.stampede import Coordinator
 from django_apee.observe import metrics
 from django_apee.store import fleet
-from django_apee.store.wake import WakeHub
+from django_apee.store.wake import WakeHub, wake_channel
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -61,7 +61,9 @@ class Runtime:
         metrics.configure(self.alias, enabled=options.metrics)
         self.events = metrics.AliasMetrics(self.alias)
         self.store = BackendStore(backend)
-        self.hub = WakeHub(self.store.connection)
+        #: Wake-ups of the alias's KEY_PREFIX only: other apps on the same
+        #: Redis neither hear its key names nor wake its waiters.
+        self.hub = WakeHub(self.store.connection, wake_channel(backend.key_prefix))
         self.coordinator = Coordinator(
             self.store, self.hub, options.tuning, self.events
         )

@@ -116,7 +116,9 @@ class Waiting:
                         value = self.servable(*lease.read(client, made))
                         if value is not MISSING:
                             return Landed(value, waited)
-                    attempt = lease.acquire(client, made, lease_ms)
+                    attempt = lease.acquire(
+                        client, made, lease_ms, channel=self.hub.channel
+                    )
                     value = self.servable(attempt.raw, attempt.pttl_ms)
                     if value is not MISSING:
                         if attempt.lease is not None:
@@ -153,7 +155,9 @@ class Waiting:
         if self.held_elsewhere.get(made, now) == identity:
             return None
         try:
-            attempt = lease.acquire(self.store.connection(), made, lease_ms)
+            attempt = lease.acquire(
+                self.store.connection(), made, lease_ms, channel=self.hub.channel
+            )
         except REDIS_ERRORS:
             self.redis_failed()
             return None

@@ -24,7 +24,6 @@ from django_apee.core import keys
 from django_apee.core.policy import renew_every_ms
 from django_apee.core.process import ProcessThread
 from django_apee.store import scripts
-from django_apee.store.wake import WAKE_CHANNEL
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -41,6 +40,8 @@ class Lease:
     lease_key: str
     token: str
     lease_ms: int
+    #: The wake-up channel its release publishes on (``wake.wake_channel``).
+    channel: str
     lost: threading.Event = field(default_factory=threading.Event)
     renewals: int = 0
     next_renewal: float = 0.0
@@ -62,14 +63,22 @@ def read(client: Redis, value_key: str) -> tuple[bytes | None, int]:
     return (raw or None), int(pttl)
 
 
-def acquire(client: Redis, value_key: str, lease_ms: int) -> Attempt:
-    """Try to take the lease of ``value_key``; read the value meanwhile."""
+def acquire(client: Redis, value_key: str, lease_ms: int, *, channel: str) -> Attempt:
+    """Try to take the lease of ``value_key``; read the value meanwhile.
+
+    ``channel`` is where the lease's release wakes its waiters: the wake-up
+    channel of the alias's KEY_PREFIX, the one its waiters listen on.
+    """
     lease_key = keys.companion(value_key, keys.LEASE)
     token = keys.lease_token()
     held, lease_pttl, raw, pttl = scripts.run(
         client, "acquire", keys=[value_key, lease_key], args=[token, lease_ms]
     )
-    lease = Lease(client, value_key, lease_key, token, lease_ms) if int(held) else None
+    lease = (
+        Lease(client, value_key, lease_key, token, lease_ms, channel)
+        if int(held)
+        else None
+    )
     return Attempt(lease, int(lease_pttl), raw or None, int(pttl))
 
 
@@ -82,7 +91,7 @@ def release(lease: Lease, payload: bytes | None, px: int | None) -> bool:
     """
     args = [
         lease.token,
-        WAKE_CHANNEL,
+        lease.channel,
         "1" if payload is not None else "0",
         payload if payload is not None else b"",
         "" if px is None else px,

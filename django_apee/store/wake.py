@@ -5,19 +5,28 @@ on an in-process event, so the number of blocked Redis connections does not
 grow with the number of waiting threads. A missed message costs a waiter at
 most the lease's remaining life: it times its wait to the lease's PTTL.
 
-Wake-ups travel on one pub/sub channel; messages carry the value key. One
-channel for all keys keeps one subscription per process; computes are rare
-by design, so every process seeing every wake-up costs little. The Lua
-scripts that end a lease publish on the channel name they are given.
+Wake-ups travel on one pub/sub channel per KEY_PREFIX (``wake_channel``);
+messages carry the value key. One channel for all of a prefix's keys keeps
+one subscription per process and alias; computes are rare by design, so
+every process seeing every wake-up of its prefix costs little. Apps that
+share a Redis under different prefixes do not hear each other's key names,
+and an ACL user can be granted exactly its own channel. Aliases with the
+same prefix share their keys, so they share the channel too. The Lua
+scripts that end a lease publish on the channel name they are given, with
+``redis.pcall``: a user denied the channel still gets its write, only the
+wake-up is lost (its waiters wait to the lease's end).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from redis.exceptions import NoPermissionError
 
 from django_apee.core.process import ProcessThread
 
@@ -26,12 +35,60 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_apee")
 
-#: Pub/sub channel on which the end of a lease wakes its waiters.
-WAKE_CHANNEL = "django_apee:wake"
+#: What every wake-up channel starts with; the KEY_PREFIX follows.
+CHANNEL_PREFIX = "django_apee:wake:"
+#: A subscription refused by an ACL is logged at most this often per channel.
+NOPERM_LOG_SECONDS = 60.0
+
+_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+
+
+def wake_channel(key_prefix: str) -> str:
+    """The pub/sub channel on which the end of a lease under ``key_prefix``
+    wakes its waiters: the one place that names it."""
+    return f"{CHANNEL_PREFIX}{key_prefix}"
+
+
+def acl_rule(channel: str, user: str | None = None) -> str:
+    """The ``ACL SETUSER`` line that lets ``user`` use ``channel``.
+
+    ACL channel rules are glob patterns: glob characters in the prefix are
+    escaped so the rule grants exactly this channel.
+    """
+    pattern = _GLOB_SPECIALS.sub(r"\\\1", channel)
+    return f"ACL SETUSER {user or '<user>'} &{pattern} +publish +subscribe"
+
+
+def acl_user(client: Redis) -> str:
+    """The ACL user a client authenticates as, from its settings (no I/O)."""
+    kwargs = getattr(client.connection_pool, "connection_kwargs", {})
+    return str(kwargs.get("username") or "default")
+
+
+class _OncePer:
+    """At most one log line per topic per interval, process-wide (``store``
+    cannot use ``observe``'s ``RateLimitedLog``)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def due(self, topic: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(topic)
+            if last is not None and now - last < self.seconds:
+                return False
+            self._last[topic] = now
+            return True
+
+
+NOPERM_LOG = _OncePer(NOPERM_LOG_SECONDS)
 
 
 class WakeHub:
-    """Wake-ups for one Redis, over one pub/sub connection per process.
+    """Wake-ups on one channel, over one pub/sub connection per process.
 
     ``expect(key)`` registers interest *before* the caller looks again (so a
     wake-up that lands in between is not missed), ``wait`` blocks on it, and
@@ -39,8 +96,11 @@ class WakeHub:
     their timeout, which the caller sets to the lease's remaining life.
     """
 
-    def __init__(self, connect: Callable[[], Redis]) -> None:
+    def __init__(self, connect: Callable[[], Redis], channel: str) -> None:
         self._connect = connect
+        #: The channel this hub listens on (``wake_channel``); the leases
+        #: taken for its waiters announce their end there.
+        self.channel = channel
         self._waiting: dict[str, set[threading.Event]] = {}
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
@@ -72,6 +132,8 @@ class WakeHub:
         while True:
             try:
                 self._listen()
+            except NoPermissionError:
+                self._denied()
             except Exception:
                 logger.debug("django_apee: wake-up subscription lost", exc_info=True)
             if self.subscribed.is_set():
@@ -81,10 +143,30 @@ class WakeHub:
             time.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
+    def _denied(self) -> None:
+        """The ACL refuses this channel: say how to fix it, once a minute."""
+        if not NOPERM_LOG.due(self.channel):
+            logger.debug(
+                "django_apee: wake-up subscription to %r refused (NOPERM)",
+                self.channel,
+            )
+            return
+        try:
+            user = acl_user(self._connect())
+        except Exception:
+            user = None
+        logger.warning(
+            "django_apee: the Redis user may not SUBSCRIBE to %r (NOPERM): "
+            "waiters are not woken when a computation ends and wait to its "
+            "lease's end instead (slower, never wrong). Grant the channel: %s",
+            self.channel,
+            acl_rule(self.channel, user),
+        )
+
     def _listen(self) -> None:
         pubsub = self._connect().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
-            pubsub.subscribe(WAKE_CHANNEL)
+            pubsub.subscribe(self.channel)
             while True:
                 message = pubsub.get_message(timeout=1.0)
                 if not self.subscribed.is_set() and pubsub.subscribed:

@@ -34,7 +34,7 @@ from prometheus_client import REGISTRY
 
 from django_apee import get_or_set_stampede_safe
 from django_apee.core import keys
-from django_apee.store.wake import WAKE_CHANNEL, WakeHub
+from django_apee.store.wake import WakeHub, wake_channel
 from tests.support.children import Child
 from tests.support.redis_server import RedisServer
 
@@ -470,11 +470,11 @@ def test_wakeup_published_before_the_subscription_is_up_still_wakes(
         assert gate.wait(10)
         return redis.Redis.from_url(redis_url, socket_timeout=5)
 
-    hub = WakeHub(connect)
+    hub = WakeHub(connect, wake_channel("gap:"))
     event = hub.expect("gap:key")  # starts the subscriber, held in connect()
     try:
         assert not hub.subscribed.is_set()
-        raw_redis.publish(WAKE_CHANNEL, "gap:key")  # our hub cannot hear it
+        raw_redis.publish(hub.channel, "gap:key")  # our hub cannot hear it
         gate.set()
         assert hub.subscribed.wait(5)
         assert event.wait(1.0)  # told to look again
@@ -493,7 +493,7 @@ def test_wakeup_subscription_reconnects_fast_after_an_old_failure_streak(
             raise refusals.pop()
         return redis.Redis.from_url(redis_url, socket_timeout=5)
 
-    hub = WakeHub(connect)
+    hub = WakeHub(connect, wake_channel("streak:"))
     hub.done("streak", hub.expect("streak"))
     assert hub.subscribed.wait(5)
     event = hub.expect("streak")

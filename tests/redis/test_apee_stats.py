@@ -106,7 +106,10 @@ def test_overview_reports_health_fleet_and_leases(raw_redis):
         cache.get(key)
     cache.get_or_set_stampede_safe("c", lambda: 3, 60)
     held = lease.acquire(
-        cache.client.get_client(write=True), str(cache.client.make_key("d")), 30_000
+        cache.client.get_client(write=True),
+        str(cache.client.make_key("d")),
+        30_000,
+        channel=cache.client.wake_channel,
     )
     assert held.lease is not None
     fleet.flush()
@@ -239,7 +242,12 @@ def test_key_states_fresh_stale_leased_corrupt(raw_redis):
     meta = Meta(soft_ms=1_000, hard_ms=60_000, grace_ms=0, delta_ms=40, seed=1)
     raw_redis.set(made, cache.envelope.encode("old", meta), px=50_000)
     client = cache.client.get_client(write=True)
-    held = lease.acquire(client, str(cache.client.make_key("leased")), 20_000)
+    held = lease.acquire(
+        client,
+        str(cache.client.make_key("leased")),
+        20_000,
+        channel=cache.client.wake_channel,
+    )
     assert held.lease is not None
     raw_redis.set(str(cache.client.make_key("corrupt")), b"\xc1\xa9\x01\xe0junk")
 

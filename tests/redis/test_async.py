@@ -172,7 +172,10 @@ def test_thread_sensitive_thread_stays_free_during_a_lease_wait(make_cache):
     local = Compute("computed here", sleep=0.0)
     hub = cache.runtime.hub
     held = lease.acquire(
-        cache.client.get_client(write=True), cache.client.make_key("busy"), 10_000
+        cache.client.get_client(write=True),
+        cache.client.make_key("busy"),
+        10_000,
+        channel=hub.channel,
     ).lease
     assert held is not None
 

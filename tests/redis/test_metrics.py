@@ -123,7 +123,9 @@ def test_known_sequence_gives_exact_counters_and_histograms(make_cache, raw_redi
     assert cache.get_or_set_stampede_safe("early", Compute("new"), 60) == "new"
     # A lease wait: another holder's 300 ms lease runs out, then we compute.
     client = cache.client.get_client(write=True)
-    held = lease.acquire(client, made(cache, "w"), 300)
+    held = lease.acquire(
+        client, made(cache, "w"), 300, channel=cache.runtime.hub.channel
+    )
     assert held.lease is not None
     assert cache.get_or_set_stampede_safe("w", Compute("w"), 60) == "w"
 

@@ -16,7 +16,7 @@ from django_apee.core.envelope import Envelope, Meta
 from django_apee.engine.protocol import Tuning
 from django_apee.engine.stampede import Call, Coordinator, make_spec
 from django_apee.store import fleet
-from django_apee.store.wake import WakeHub
+from django_apee.store.wake import WakeHub, wake_channel
 
 
 def test_changed_options_get_a_new_runtime(make_cache, redis_url):
@@ -131,7 +131,12 @@ def test_the_engine_runs_on_a_bare_store_in_two_coordinators(redis_url):
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     events = Events()
     coordinators = [
-        Coordinator(RawStore(client), WakeHub(lambda: client), Tuning(), events)
+        Coordinator(
+            RawStore(client),
+            WakeHub(lambda: client, wake_channel("")),
+            Tuning(),
+            events,
+        )
         for _ in range(2)
     ]
     computes: list[int] = []

@@ -192,7 +192,12 @@ def write_entry(
 def hold_lease(backend: ApeeCache, key: Any, lease_ms: int) -> lease.Lease:
     """Take ``key``'s lease by hand, as another process's holder would."""
     client = backend.client.get_client(write=True)
-    attempt = lease.acquire(client, backend.client.make_key(key), lease_ms)
+    attempt = lease.acquire(
+        client,
+        backend.client.make_key(key),
+        lease_ms,
+        channel=backend.client.wake_channel,
+    )
     assert attempt.lease is not None
     return attempt.lease
 

@@ -5,6 +5,9 @@
 -- Returns the number of value keys deleted (0 or 1).
 local deleted = redis.call("DEL", KEYS[1])
 if redis.call("DEL", KEYS[2]) == 1 then
-  redis.call("PUBLISH", ARGV[1], KEYS[1])
+  -- A pcall: a user the ACL denies the wake channel still gets the
+  -- write and the lease's end above (an error would hide that they
+  -- happened); its waiters then wait to the lease's end.
+  redis.pcall("PUBLISH", ARGV[1], KEYS[1])
 end
 return deleted

@@ -28,5 +28,8 @@ end
 if ours then
   redis.call("DEL", KEYS[2])
 end
-redis.call("PUBLISH", ARGV[5], KEYS[1])
+-- A pcall: a user the ACL denies the wake channel still gets the
+-- write and the lease's end above (an error would hide that they
+-- happened); its waiters then wait to the lease's end.
+redis.pcall("PUBLISH", ARGV[5], KEYS[1])
 return 1

@@ -17,5 +17,8 @@ if ARGV[3] == "1" then
   end
 end
 redis.call("DEL", KEYS[2])
-redis.call("PUBLISH", ARGV[2], KEYS[1])
+-- A pcall: a user the ACL denies the wake channel still gets the
+-- write and the lease's end above (an error would hide that they
+-- happened); its waiters then wait to the lease's end.
+redis.pcall("PUBLISH", ARGV[2], KEYS[1])
 return 1

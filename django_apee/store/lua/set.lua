@@ -33,6 +33,9 @@ if not redis.call(unpack(command)) then
   return 0
 end
 if redis.call("DEL", KEYS[2]) == 1 then
-  redis.call("PUBLISH", ARGV[4], KEYS[1])
+  -- A pcall: a user the ACL denies the wake channel still gets the
+  -- write and the lease's end above (an error would hide that they
+  -- happened); its waiters then wait to the lease's end.
+  redis.pcall("PUBLISH", ARGV[4], KEYS[1])
 end
 return 1
