@@ -15,7 +15,9 @@ Layout in Redis, per alias (``P`` is the alias's KEY_PREFIX, ``A`` its name)::
 
 Both keys share one hash tag, so the script touches one Redis Cluster slot.
 The minute is Redis's clock, not the app servers', so skewed hosts still
-land in the same bucket. Fields are plain integers (``HINCRBY``):
+land in the same bucket: each flush reads ``TIME`` first and passes both
+keys to the script (a script must declare every key it writes). Fields are
+plain integers (``HINCRBY``):
 
 * ``<counter>`` and ``<counter>:<label>``: ``stampede_hits``,
   ``computes:ok``, ``fallbacks:redis_error``...;
@@ -156,12 +158,22 @@ def _send(alias: str, fields: dict[str, int]) -> bool:
     sink = _SINKS.get(alias)
     if sink is None:
         raise LookupError(f"no fleet sink registered for {alias!r}")
-    args: list[Any] = [BUCKET_SECONDS]
+    client = sink.connect()
+    # Redis's clock, read first so the script is told every key it writes
+    # (one more round trip per flush interval, never on the hit path).
+    now, _ = client.time()
+    args: list[Any] = [BUCKET_SECONDS, now]
     for field, amount in sorted(fields.items()):
         args += [field, amount]
-    keys = [stats_key(sink.key_prefix, alias)]
-    scripts.run(sink.connect(), "stats", keys=keys, args=args)
+    keys = stats_keys(sink.key_prefix, alias, now)
+    scripts.run(client, "stats", keys=keys, args=args)
     return True
+
+
+def stats_keys(key_prefix: str, alias: str, unix_seconds: int) -> list[str]:
+    """The keys one flush writes at ``unix_seconds``: totals, then the minute."""
+    minute = int(unix_seconds) // 60
+    return [stats_key(key_prefix, alias), minute_key(key_prefix, alias, minute)]
 
 
 def interval(alias: str) -> float:
