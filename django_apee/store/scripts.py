@@ -3,6 +3,10 @@
 redis-py's ``Script`` reloads a script after NOSCRIPT, so a ``SCRIPT FLUSH``,
 a restart or a failover to a replica that never saw the script costs one extra
 round trip, not an error. Scripts are read on first use, never at import.
+
+``run_many`` sends several calls of one script in one pipelined round trip
+(redis-py's pipelines check ``SCRIPT EXISTS`` in a round trip of their own
+first; this sends EVALSHA at once and loads the script only after NOSCRIPT).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.client import Pipeline
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -43,3 +47,36 @@ def run(client: Redis, name: str, keys: Sequence[Any], args: Sequence[Any]) -> A
         return client.evalsha(found.sha, len(keys), *keys, *args)
     except NoScriptError:
         return found(keys=keys, args=args, client=client)
+
+
+def run_many(
+    client: Redis, name: str, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+) -> list[Any]:
+    """Run script ``name`` once per ``(keys, args)`` in ``calls``, pipelined.
+
+    One round trip while Redis has the script; after NOSCRIPT the script is
+    loaded and the calls that met it are sent again (they did not run), so
+    every call runs exactly once. Returns the results in order; the first
+    other error is raised, as a pipeline would.
+    """
+    found = script(name)
+    results = _evalsha_all(client, found.sha, calls)
+    missed = [i for i, one in enumerate(results) if isinstance(one, NoScriptError)]
+    if missed:
+        found.sha = client.script_load(found.script)
+        again = _evalsha_all(client, found.sha, [calls[i] for i in missed])
+        for i, one in zip(missed, again, strict=True):
+            results[i] = one
+    for one in results:
+        if isinstance(one, ResponseError):
+            raise one
+    return results
+
+
+def _evalsha_all(
+    client: Redis, sha: str, calls: Sequence[tuple[Sequence[Any], Sequence[Any]]]
+) -> list[Any]:
+    pipeline = client.pipeline(transaction=False)
+    for keys, args in calls:
+        pipeline.evalsha(sha, len(keys), *keys, *args)
+    return list(pipeline.execute(raise_on_error=False))

@@ -1,0 +1,113 @@
+"""``get_many`` runs ``lua/get.lua`` over at most ``GET_CHUNK`` keys per call.
+
+A script holds Redis's one thread until it returns, so a large get_many is
+split into calls of ``GET_CHUNK`` keys, sent together in one pipelined round
+trip, with the same answers as one call would give. Watched with MONITOR on
+a private server (its only clients are this test's; the session's server
+also gets other aliases' stats flushes from a background thread).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+
+import pytest
+import redis
+from django.conf import settings
+from django.core.cache import caches
+from django.test import override_settings
+
+from django_apee.cache import ApeeCache
+from django_apee.client import GET_CHUNK
+from tests.support.monitor import client_commands, monitored, script_runs
+from tests.support.redis_server import RedisServer
+
+_aliases = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    started = RedisServer().start()
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def raw(server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=server.port, socket_timeout=10)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cache(server: RedisServer) -> Iterator[ApeeCache]:
+    alias = f"chunks-{next(_aliases)}"
+    config = {
+        **settings.CACHES,
+        alias: {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": server.url},
+    }
+    with override_settings(CACHES=config):
+        yield caches[alias]
+
+
+def test_get_chunk_is_small_enough_to_bound_a_script():
+    assert 64 <= GET_CHUNK <= 1024
+
+
+def test_a_large_get_many_runs_one_script_call_per_chunk(server, raw, cache):
+    count = 5000
+    keys = [f"k{i}" for i in range(count)]
+    present = {key: i for i, key in enumerate(keys) if i % 3}
+    cache.set_many(present, 60)
+    cache.get("warm")  # the script is loaded: only the calls below remain
+
+    with monitored(server) as seen:
+        found = cache.get_many(keys)
+
+    assert found == present
+    assert list(found) == [key for key in keys if key in present]  # input order
+    calls = [call for call, _ in script_runs(seen, "get")]
+    assert len(calls) == math.ceil(count / GET_CHUNK) == 10
+    sizes = [int(call[2]) // 2 for call in calls]
+    assert sizes == [GET_CHUNK] * 9 + [count - 9 * GET_CHUNK]
+    # Pipelined EVALSHAs only: no SCRIPT EXISTS round trip before them.
+    assert client_commands(seen) == {"EVALSHA"}
+
+
+def test_a_small_get_many_is_one_plain_script_call(server, raw, cache):
+    cache.set_many({"a": 1, "b": 2}, 60)
+    with monitored(server) as seen:
+        assert cache.get_many(["a", "b", "c"]) == {"a": 1, "b": 2}
+    assert len(script_runs(seen, "get")) == 1
+    assert client_commands(seen) == {"EVALSHA"}
+
+
+def test_chunked_get_many_survives_a_script_flush(server, raw, cache):
+    keys = [f"k{i}" for i in range(GET_CHUNK * 2 + 1)]
+    cache.set_many(dict.fromkeys(keys, "v"), 60)
+    raw.script_flush()
+    with monitored(server) as seen:
+        assert cache.get_many(keys) == dict.fromkeys(keys, "v")
+    assert client_commands(seen) == {"EVALSHA", "SCRIPT"}  # NOSCRIPT, LOAD, again
+    assert len(script_runs(seen, "get")) == 2 * 3
+    assert cache.get_many(keys) == dict.fromkeys(keys, "v")
+
+
+def test_chunked_get_many_keeps_herd_mode_per_key(server, raw, cache):
+    """A stale entry in the second chunk misses for one reader only, and its
+    winner's set frees the lease, as with one script call."""
+    keys = [f"k{i}" for i in range(GET_CHUNK + 100)]
+    cache.set_many(dict.fromkeys(keys, "old"), 100)
+    stale = keys[GET_CHUNK + 7]
+    raw.pexpire(str(cache.client.make_key(stale)), 2000)  # past its soft timeout
+
+    first = cache.get_many(keys)
+    assert stale not in first  # this reader won the lease
+    assert len(first) == len(keys) - 1
+    assert cache.get_many(keys) == dict.fromkeys(keys, "old")  # the others
+    assert cache.set(stale, "new", 100) is True  # the fenced write
+    assert cache.get_many(keys)[stale] == "new"
+    assert raw.keys("*apee:lease*") == []
