@@ -19,9 +19,16 @@ import redis
 from django.conf import settings
 from django.core.cache import caches
 from django.test import override_settings
+from hypothesis import settings as hypothesis_settings
 
 from django_apee.cache import ApeeCache
 from tests.support.redis_server import RedisServer, session_server
+
+# The machines that run the suite are shared and noisy: a property that takes
+# 20 ms may take 400 ms once. Correctness is what hypothesis checks here, not
+# speed (benchmarks live in bench/), so no per-example deadline.
+hypothesis_settings.register_profile("apee", deadline=None)
+hypothesis_settings.load_profile("apee")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

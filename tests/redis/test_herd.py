@@ -427,7 +427,9 @@ def run_herd_workers(make_cache, raw, options, processes=2, threads=12, seconds=
     the test is about expiries, not the very first fill.
     """
     counter = f"herd-test-computes-{time.monotonic_ns()}"
-    start = time.time() + 2.0  # children need time to start Django
+    # Children need time to start Django: on a loaded machine, 2 s was not
+    # always enough, and a child that starts after the end computes nothing.
+    start = time.time() + 4.0
     _, cache = make_cache(**options)
     cache.set("hot", "generation 0", start - time.time() + 1.0)
     job = {
