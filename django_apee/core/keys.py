@@ -1,7 +1,8 @@
 """Where the parts of one cache entry live in Redis.
 
-An entry is the value key plus, while someone recomputes it, a lease key and a
-wake-up key. The value key is exactly django-redis's key
+An entry is the value key plus, while someone recomputes it, a lease key; the
+``wake`` kind names a slot-local companion that is never stored (for
+slot-local wake-up channels). The value key is exactly django-redis's key
 (``KEY_PREFIX:VERSION:key`` through ``KEY_FUNCTION``), so swapping the backend
 in finds the keys and raw integers that are already there.
 
