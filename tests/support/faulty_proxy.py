@@ -77,8 +77,9 @@ class _Direction:
                     self.ready.wait(TICK)
                     continue
                 due, data = self.queue[0]
-            if time.monotonic() < due:
-                time.sleep(min(TICK, due - time.monotonic()))
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(min(TICK, wait))
                 continue
             with self.ready:
                 self.queue.popleft()
