@@ -55,8 +55,11 @@ class ClusterDeployment:
     ``--cluster-node-timeout 1000``: a node silent for 1 s is suspected
     (PFAIL), then failed once a majority of primaries agree; a replica of a
     failed primary waits 0.5-1 s (plus 1 s per rank) before asking for
-    votes. A killed primary is replaced in ~2-4 s; anything lower turns a
-    loaded 2-core machine's scheduling hiccups into failovers.
+    votes. A killed primary is replaced in 2.7-4.2 s here (``wait_stable``
+    after ``kill``); a manual ``failover`` of a live primary's replica
+    takes 0.15-0.5 s. A lower node timeout turns a loaded 2-core machine's
+    scheduling hiccups into failovers. ``failover`` and ``wait_stable``
+    default to 15 s: several times the slowest failover seen.
     """
 
     def __init__(

@@ -22,9 +22,9 @@ Address = tuple[str, int]
 HOST = "127.0.0.1"
 #: Data nodes sync replicas over the socket at once: no RDB file, no 5 s delay.
 DATA_NODE_ARGS = ("--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
-#: Flags a sentinel shows for an instance it cannot (yet) talk to.
 #: Sentinel's ping period (also its link retry period) during start-up, and after.
 FAST_PING_MS, DEFAULT_PING_MS = 100, 1000
+#: Flags a sentinel shows for an instance it cannot (yet) talk to or trust.
 UNHEALTHY = {"s_down", "o_down", "disconnected", "failover_in_progress"}
 
 
@@ -40,12 +40,15 @@ class SentinelGroup:
     ``resolve-hostnames`` or ``announce-ip`` is needed: the addresses the
     sentinels hand out are the ones the nodes listen on.
 
-    ``down-after-milliseconds`` is 1000 (a node silent for 1 s is subjectively
-    down; the sentinels PING every second at most that often, so lower only
-    adds false alarms on a loaded 2-core machine). ``failover-timeout`` is
+    ``down-after-milliseconds`` is 1000: a node silent for 1 s is
+    subjectively down. Sentinels PING once a second, so a lower value mostly
+    adds false alarms on a loaded 2-core machine. ``failover-timeout`` is
     5000: it bounds one failover attempt, and a split vote among the
     sentinels is retried after twice that, so a kill-to-new-primary wait
-    should allow ~15 s although it usually takes 2-4 s.
+    allows 15 s although it takes 2.3-3.1 s here (1 s to notice, up to 1 s
+    of random desync before asking for votes, the promotion, and up to 2 s
+    for the other sentinels to hear of it). ``parallel-syncs`` is 2: after
+    a failover both remaining replicas resync at once.
 
     **Start order.** The three data nodes start as primaries; once they
     answer, the two replicas get ``REPLICAOF`` (redis-server connects at
@@ -331,6 +334,8 @@ class SentinelGroup:
 
         django-redis 7's SentinelClient splits LOCATION into a primary and a
         replica URL and needs SentinelConnectionFactory to resolve them.
+        Reads go to the replica pool: a get right after a set can miss until
+        the replicas have the write (``WAIT`` on the primary settles it).
         """
         return {
             "CLIENT_CLASS": "django_redis.client.SentinelClient",
