@@ -209,13 +209,23 @@ def _decompress_lz4(payload: bytes, limit: int) -> bytes:
             raise DecodeError("compression", "lz4 frame is incomplete")
         if dctx.unused_data:
             raise DecodeError("compression", "trailing bytes after the lz4 frame")
-        return out
     except DecodeError:
+        _drop_lz4()
         raise
     except Exception as exc:
+        _drop_lz4()
         raise DecodeError("compression", f"lz4: {exc}") from None
-    finally:
-        dctx.reset()
+    dctx.reset()
+    return out
+
+
+def _drop_lz4() -> None:
+    """Forget this thread's lz4 decompressor after a failure.
+
+    ``reset()`` does not recover one stopped mid-frame (over the limit,
+    broken): every later frame in the thread failed with ``frameSize_wrong``.
+    """
+    _state.lz4 = None
 
 
 def _decompress_zlib(payload: bytes, limit: int) -> bytes:
