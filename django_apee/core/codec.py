@@ -11,7 +11,9 @@ lazy strings...) are not silently flattened into their base type: they reach
 the ``default`` hook, which only accepts the exact types listed in
 :mod:`django_apee.core.extensions`. Anything else raises one of
 :data:`MSGPACK_FAILURES`. Unpacked with ``raw=False, strict_map_key=False``;
-msgpack arrays come back as ``list``.
+msgpack arrays come back as ``list``. :func:`unpack` is
+:mod:`django_apee.core.unpacking`'s: bounded in depth, container size and
+element count whatever the bytes say.
 
 msgpack packs ``bytearray`` natively as bin whatever ``strict_types`` says,
 so the encoder boxes bytearrays itself (see :func:`pack_value`); ``memoryview``
@@ -31,25 +33,23 @@ from typing import Any
 
 import msgpack
 
+from django_apee.core import unpacking
 from django_apee.core.extensions import (
     EXT_BYTEARRAY,
     EXT_FROZENSET,
     EXT_SAFESTRING,
     EXT_SET,
     EXT_TUPLE,
-    SCALAR_DECODERS,
+    MAX_EXT_NESTING,
     SCALAR_ENCODERS,
     Unsupported,
-    _Corrupt,
     encode_safe_string,
     safe_string_decoder,
 )
+from django_apee.core.unpacking import unpack
 
 __all__ = ["MSGPACK_FAILURES", "pack", "pack_value", "register_safe_string", "unpack"]
 
-# tuple/set/frozenset nested deeper than this (each level costs Python frames
-# when packing and unpacking) go to pickle instead.
-_MAX_EXT_NESTING = 64
 # A packer's internal buffer only ever grows; after packing something this big
 # the packer is replaced so one huge value does not pin memory in a thread.
 _PACKER_RECYCLE_BYTES = 1024 * 1024
@@ -97,10 +97,10 @@ def pack(obj: object) -> bytes:
     state = _state
     depth = state.depth
     packers = state.packers
-    if depth > _MAX_EXT_NESTING:
+    if depth > MAX_EXT_NESTING:
         # Decoding recurses through Python once per level; refuse here (the
         # value goes to pickle) rather than write what readers cannot read.
-        raise ValueError(f"more than {_MAX_EXT_NESTING} nested tuples/sets")
+        raise ValueError(f"more than {MAX_EXT_NESTING} nested tuples/sets")
     if depth == len(packers):
         packers.append(_new_packer())
     state.depth = depth + 1
@@ -207,65 +207,6 @@ def _box_bytearrays(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------
-# Unpacking
-# --------------------------------------------------------------------------
-
-
-def _unpack_list(data: bytes) -> list[Any]:
-    items = unpack(data)
-    if type(items) is not list:
-        raise _Corrupt("container extension does not hold an array")
-    return items
-
-
-def _dec_tuple(data: bytes) -> Any:
-    return tuple(_unpack_list(data))
-
-
-def _dec_set(data: bytes) -> Any:
-    return set(_unpack_list(data))
-
-
-def _dec_frozenset(data: bytes) -> Any:
-    return frozenset(_unpack_list(data))
-
-
-def _dec_bytearray(data: bytes) -> Any:
-    return bytearray(data)
-
-
-_DECODERS: dict[int, Callable[[bytes], Any]] = {
-    EXT_TUPLE: _dec_tuple,
-    EXT_SET: _dec_set,
-    EXT_FROZENSET: _dec_frozenset,
-    **SCALAR_DECODERS,
-    EXT_SAFESTRING: safe_string_decoder(None),
-    EXT_BYTEARRAY: _dec_bytearray,
-}
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    decoder = _DECODERS.get(code)
-    if decoder is None:
-        raise _Corrupt(f"unknown msgpack extension type {code}")
-    return decoder(data)
-
-
-_unpackb = msgpack.unpackb
-
-
-def unpack(data: bytes) -> Any:
-    """The value packed in ``data``.
-
-    Any exception means the bytes are not a value this codec wrote (the
-    envelope reports it as ``corrupt``), except
-    :class:`~django_apee.core.wire.DecodeError` for a time zone or a type
-    not available here.
-    """
-    return _unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
-
-
-# --------------------------------------------------------------------------
 # Django's SafeString, handed in
 # --------------------------------------------------------------------------
 
@@ -286,4 +227,4 @@ def register_safe_string(cls: type[str] | None) -> None:
     _safe_string = cls
     if cls is not None:
         _ENCODERS[cls] = encode_safe_string
-    _DECODERS[EXT_SAFESTRING] = safe_string_decoder(cls)
+    unpacking.DECODERS[EXT_SAFESTRING] = safe_string_decoder(cls)

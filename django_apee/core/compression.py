@@ -31,7 +31,14 @@ try:
 except ImportError:  # pragma: no cover - depends on the installed extras
     _lz4_frame = None
 
-__all__ = ["check_available", "decompress", "make_compressor"]
+__all__ = ["DEFAULT_MAX_BYTES", "check_available", "decompress", "make_compressor"]
+
+#: The default cap on a decompressed payload (OPTIONS ``MAX_VALUE_BYTES``).
+#: Cached values are rarely above a megabyte; 32 MiB leaves room for big
+#: ones while bounding what one get of hostile bytes can cost: the payload,
+#: and what :mod:`django_apee.core.unpacking` lets it decode into (4 Mi
+#: elements, a container counting as 8).
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
 # zstd frames without a declared size are read in chunks of this size when we
 # need to tell "too large" from "broken".

@@ -149,7 +149,7 @@ class Envelope:
         compress_level: int | None = None,
         pickle_fallback: bool = True,
         signing_keys: Sequence[bytes] = (),
-        max_decompressed_bytes: int = 512 * 1024 * 1024,
+        max_decompressed_bytes: int = compression.DEFAULT_MAX_BYTES,
     ) -> None:
         if codec not in ("msgpack", "pickle"):
             raise ValueError(f"unknown codec {codec!r}; choose 'msgpack' or 'pickle'")
@@ -327,7 +327,7 @@ class Envelope:
         codec, meta, payload = self._open(data)
         if codec == CODEC_PICKLE:
             return Decoded(pickle.loads(payload), meta)
-        return Decoded(unpack(payload), meta)
+        return Decoded(unpack(payload, self.max_decompressed_bytes), meta)
 
     def open(self, data: bytes) -> Opened:
         """Check and unwrap an envelope without turning its payload into a value.

@@ -83,6 +83,11 @@ EXT_SAFESTRING = 12
 EXT_BIGINT = 13
 EXT_BYTEARRAY = 14
 
+#: tuple/set/frozenset nested deeper than this (each level costs Python and C
+#: frames when packing and unpacking) go to pickle instead, and read back as
+#: corrupt.
+MAX_EXT_NESTING = 64
+
 _TZ_FIXED = 0
 _TZ_FIXED_NAMED = 1
 _TZ_ZONEINFO = 2
