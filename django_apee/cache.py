@@ -103,6 +103,7 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
                 compress_level=self.options.compress_level,
                 pickle_fallback=self.options.allow_pickle,
                 signing_keys=signing_keys() if self.options.allow_pickle else (),
+                max_decompressed_bytes=self.options.max_value_bytes,
             )
         return self._envelope
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
+from django_apee.core.compression import DEFAULT_MAX_BYTES
 from django_apee.core.policy import Policy
 from django_apee.engine.protocol import Tuning
 
@@ -51,6 +52,13 @@ HERD_EXCLUDE_DEFAULT = (
 DEFAULT_SOCKET_CONNECT_TIMEOUT = 1.0
 DEFAULT_SOCKET_TIMEOUT = 2.0
 DEFAULT_STATS_FLUSH_INTERVAL = 5.0
+#: MAX_VALUE_BYTES: the most a stored value may decompress to (32 MiB), and
+#: so the most elements it may decode into (a value's pointers alone, 8 bytes
+#: an element, fit in the same cap). Whoever can write to Redis otherwise
+#: decides how much memory and CPU each get costs. Values are rarely above a
+#: megabyte; raise it for bigger ones (it cannot go below 1 KiB).
+DEFAULT_MAX_VALUE_BYTES = DEFAULT_MAX_BYTES
+MIN_MAX_VALUE_BYTES = 1024
 
 #: Our OPTIONS.
 APEE_OPTIONS = frozenset(
@@ -58,9 +66,9 @@ APEE_OPTIONS = frozenset(
         "ALLOW_PICKLE", "BREAKER_COOLDOWN", "BREAKER_THRESHOLD", "CODEC",
         "COLD_MISS_WAIT", "COMPRESSION", "COMPRESS_LEVEL", "COMPRESS_MIN_BYTES",
         "HERD", "HERD_EXCLUDE", "LEASE_MAX", "LEASE_MIN", "LEASE_TIMEOUT",
-        "LEGACY_READS", "LEGACY_READS_UNTIL", "METRICS", "REFRESH", "REFRESH_WORKERS",
-        "SOFT_TIMEOUT_RATIO", "STATS_FLUSH_INTERVAL", "WAIT_TIMEOUT",
-        "XFETCH_BETA",
+        "LEGACY_READS", "LEGACY_READS_UNTIL", "MAX_VALUE_BYTES", "METRICS", "REFRESH",
+        "REFRESH_WORKERS", "SOFT_TIMEOUT_RATIO", "STATS_FLUSH_INTERVAL",
+        "WAIT_TIMEOUT", "XFETCH_BETA",
     }
 )  # fmt: skip
 #: django-redis's OPTIONS (7.x), passed through to it.
@@ -161,6 +169,8 @@ class ApeeOptions:
     compression: str
     compress_min_bytes: int
     compress_level: int | None
+    #: The most a value may decompress to; see DEFAULT_MAX_VALUE_BYTES.
+    max_value_bytes: int
     allow_pickle: bool
     #: Read values django-redis or Django's RedisCache pickled, until this
     #: date (inclusive); None: never. See ``legacy_reads_on``.
@@ -213,6 +223,9 @@ def parse(options: dict[str, Any]) -> tuple[ApeeOptions, list[Problem]]:
         compression=read.choice("COMPRESSION", "zstd", COMPRESSIONS),
         compress_min_bytes=int(read.number("COMPRESS_MIN_BYTES", 1024, 0)),
         compress_level=level,
+        max_value_bytes=int(
+            read.number("MAX_VALUE_BYTES", DEFAULT_MAX_VALUE_BYTES, MIN_MAX_VALUE_BYTES)
+        ),
         allow_pickle=allow_pickle,
         legacy_reads_until=_legacy_until(read),
         metrics=read.flag("METRICS", True, check="apee.E003"),
