@@ -52,11 +52,12 @@ like exceeding the byte cap.
 
 Copies
 ======
-msgpack hands an extension's data to the hook as a copy, so a tuple nested in
-a tuple copies most of the payload again at every level: 64 levels around a
-32 MiB string would copy two gigabytes. The data of tuples and sets nested
-in others (the outermost ones copy at most the payload between them) may add
-up to ``max_bytes``; beyond, ``too_large``.
+msgpack hands an extension's data to the hook as a copy (and an Unpacker
+copies it again into its buffer), so a tuple nested in a tuple copies most
+of the payload again at every level: 64 levels around a 32 MiB string would
+copy four gigabytes. The copies made for tuples and sets nested in others
+(the outermost ones copy at most the payload between them) may add up to
+``max_bytes``; beyond, ``too_large``.
 
 What remains: the objects the pointers point to. Strings and numbers are
 bounded by the bytes they come from (two bytes and more each); at worst a
@@ -150,10 +151,11 @@ class _Copies(threading.local):
 _copies = _Copies()
 
 
-def _copied_too_much(data: bytes) -> None:
-    """Charge a nested tuple's or set's data to the copy budget."""
+def _copied_too_much(data: bytes, copies_made: int) -> None:
+    """Charge a nested tuple's or set's data, copied so many times, to the
+    copy budget."""
     copies = _copies
-    copies.left -= len(data)
+    copies.left -= copies_made * len(data)
     if copies.left < 0:
         raise DecodeError(
             "too_large", "nested tuples/sets copy more bytes than the size cap"
@@ -240,7 +242,8 @@ def _ext_hooks(count: _Count | None) -> Callable[[int], ExtHook]:
                 # The encoder never writes deeper; each level is recursion.
                 raise _Corrupt(f"tuples/sets nested more than {MAX_EXT_NESTING} deep")
             if inner > 1:
-                _copied_too_much(data)
+                # An Unpacker copies the data once more, into its buffer.
+                _copied_too_much(data, 2 if inner > _UNPACKB_LEVELS else 1)
             if inner > _UNPACKB_LEVELS:
                 items = unpack_deep(data, inner)
             elif count is None:
