@@ -40,8 +40,8 @@ __all__ = ["DEFAULT_MAX_BYTES", "check_available", "decompress", "make_compresso
 #: elements, a container counting as 8).
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
-# zstd frames without a declared size are read in chunks of this size when we
-# need to tell "too large" from "broken".
+# Frames without a declared size are read in chunks of this size when we need
+# to tell "too large" from "broken" (zstd) or to measure them (lz4).
 _PROBE_CHUNK = 256 * 1024
 
 
@@ -205,6 +205,16 @@ def _zstd_exceeds(dctx: Any, payload: bytes, limit: int) -> bool:
 
 
 def _decompress_lz4(payload: bytes, limit: int) -> bytes:
+    # Frames are written with their content size: one that declares more
+    # than the limit is refused before anything is allocated, and one that
+    # declares none (we never write such) is measured in bounded chunks
+    # first, since decompressing it up to the limit would cost twice that.
+    try:
+        declared = _lz4_frame.get_frame_info(payload)["content_size"]
+    except Exception as exc:
+        raise DecodeError("compression", f"lz4: {exc}") from None
+    if declared > limit or (not declared and _lz4_exceeds(payload, limit)):
+        raise _too_large(limit)
     dctx = _state.lz4
     if dctx is None:
         dctx = _state.lz4 = _lz4_frame.LZ4FrameDecompressor()
@@ -224,6 +234,22 @@ def _decompress_lz4(payload: bytes, limit: int) -> bytes:
         raise DecodeError("compression", f"lz4: {exc}") from None
     dctx.reset()
     return out
+
+
+def _lz4_exceeds(payload: bytes, limit: int) -> bool:
+    """Whether a frame without a declared size produces more than ``limit``."""
+    total = 0
+    try:
+        dctx = _lz4_frame.LZ4FrameDecompressor()
+        total += len(dctx.decompress(payload, max_length=_PROBE_CHUNK))
+        while total <= limit and not dctx.eof:
+            chunk = dctx.decompress(b"", max_length=_PROBE_CHUNK)
+            if not chunk:
+                break
+            total += len(chunk)
+    except Exception:
+        return False  # broken: the decompression proper says how
+    return total > limit
 
 
 def _drop_lz4() -> None:
