@@ -262,15 +262,27 @@ def _drop_lz4() -> None:
 
 
 def _decompress_zlib(payload: bytes, limit: int) -> bytes:
+    # zlib declares no size. Asking for up to limit + 1 bytes at once made
+    # CPython gather the output in blocks and join them: twice the limit in
+    # memory just to say "too large". In chunks, refusing costs the limit.
     dobj = zlib.decompressobj()
+    chunks: list[bytes] = []
+    total = 0
+    data = payload
     try:
-        out = dobj.decompress(payload, limit + 1)
+        while not dobj.eof:
+            chunk = dobj.decompress(data, _PROBE_CHUNK)
+            data = dobj.unconsumed_tail
+            if not chunk and not data:
+                break
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
     except zlib.error as exc:
         raise DecodeError("compression", f"zlib: {exc}") from None
-    if len(out) > limit:
-        raise _too_large(limit)
     if not dobj.eof:
         raise DecodeError("compression", "zlib stream is incomplete")
     if dobj.unused_data:
         raise DecodeError("compression", "trailing bytes after the zlib stream")
-    return out
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
