@@ -68,7 +68,9 @@ Decoding raises :class:`DecodeError` and nothing else for any input;
 ``compression``        the compressed payload does not decompress cleanly
 ``codec_unavailable``  reserved codec, compressor library not installed,
                        time zone unknown here, or pickle disabled here
-``too_large``          would decompress beyond ``max_decompressed_bytes``
+``too_large``          would decompress beyond ``max_decompressed_bytes``,
+                       or unpack into more than it allows (see
+                       :mod:`django_apee.core.unpacking`)
 """
 
 from __future__ import annotations
