@@ -202,8 +202,8 @@ class _Count:
 def _ext_hooks(count: _Count | None) -> Callable[[int], ExtHook]:
     """The ext hook of each depth: ``at(d)`` sees extensions inside d tuples.
 
-    Made on first use: a counted unpacking makes its own, and most values
-    have no tuple or set at all.
+    Made on first use: a counted unpacking makes its own (most values have no
+    tuple or set at all); the shared ones are all made at import.
     """
     hooks: list[ExtHook] = []
     pool: dict[int, Any] = {}
@@ -298,7 +298,11 @@ def _unpacker(ext_hook: ExtHook, size: int, count: _Count | None) -> Any:
     )
 
 
-_top_hook = _ext_hooks(None)(0)
+_plain_hook_at = _ext_hooks(None)
+# Every depth's hook made up front: the threads share them, and making them
+# on first use could race (two hooks for one depth, the next one off by one).
+_plain_hook_at(MAX_EXT_NESTING)
+_top_hook = _plain_hook_at(0)
 
 
 def unpack(data: bytes, max_bytes: int | None = None) -> Any:
