@@ -40,7 +40,7 @@ import hashlib
 import hmac
 import pickle
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from django_apee.core import compression
 from django_apee.core.codec import MSGPACK_FAILURES, pack, pack_value, unpack
@@ -314,14 +314,7 @@ class Envelope:
                 except ValueError:  # more digits than int() allows
                     raise DecodeError("corrupt", "raw integer is too long") from None
             raise DecodeError("foreign", "not a django-apee value (no magic)")
-        try:
-            return self._decode(data)
-        except DecodeError:
-            raise
-        except Exception as exc:
-            raise DecodeError(
-                "corrupt", f"undecodable payload: {type(exc).__name__}: {exc}"
-            ) from None
+        return _guarded(self._decode, data)
 
     def _decode(self, data: bytes) -> Decoded:
         codec, meta, payload = self._open(data)
@@ -339,14 +332,7 @@ class Envelope:
         """
         if not isinstance(data, bytes) or not data.startswith(MAGIC):
             raise DecodeError("foreign", "not a django-apee envelope (no magic)")
-        try:
-            return Opened(*self._open(data))
-        except DecodeError:
-            raise
-        except Exception as exc:
-            raise DecodeError(
-                "corrupt", f"undecodable payload: {type(exc).__name__}: {exc}"
-            ) from None
+        return Opened(*_guarded(self._open, data))
 
     def _open(self, data: bytes) -> tuple[int, Meta | None, bytes]:
         """(codec, meta, the codec's bytes): verified, decompressed."""
@@ -388,6 +374,21 @@ class Envelope:
             if hmac.compare_digest(mac.digest(), signature):
                 return True
         return False
+
+
+T = TypeVar("T")
+
+
+def _guarded(step: Callable[[bytes], T], data: bytes) -> T:
+    """Run a decoding step on stored bytes: anything but DecodeError is corrupt."""
+    try:
+        return step(data)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(
+            "corrupt", f"undecodable payload: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _pack_meta(meta: Meta) -> bytes:
