@@ -55,9 +55,10 @@ Copies
 msgpack hands an extension's data to the hook as a copy (and an Unpacker
 copies it again into its buffer), so a tuple nested in a tuple copies most
 of the payload again at every level: 64 levels around a 32 MiB string would
-copy four gigabytes. The copies made for tuples and sets nested in others
-(the outermost ones copy at most the payload between them) may add up to
-``max_bytes``; beyond, ``too_large``.
+copy four gigabytes. The data of the tuples and sets at one level are
+disjoint parts of the payload, so each of the first :data:`_UNPACKB_LEVELS`
+levels copies at most the payload; the copies made deeper may add up to
+``max_bytes``, beyond which the value is ``too_large``.
 
 What remains: the objects the pointers point to. Strings and numbers are
 bounded by the bytes they come from (two bytes and more each); at worst a
@@ -241,10 +242,9 @@ def _ext_hooks(count: _Count | None) -> Callable[[int], ExtHook]:
             if inner > MAX_EXT_NESTING:
                 # The encoder never writes deeper; each level is recursion.
                 raise _Corrupt(f"tuples/sets nested more than {MAX_EXT_NESTING} deep")
-            if inner > 1:
-                # An Unpacker copies the data once more, into its buffer.
-                _copied_too_much(data, 2 if inner > _UNPACKB_LEVELS else 1)
             if inner > _UNPACKB_LEVELS:
+                # Copied for the hook, and again into the Unpacker's buffer.
+                _copied_too_much(data, 2)
                 items = unpack_deep(data, inner)
             elif count is None:
                 ext = hooks[inner] if len(hooks) > inner else at(inner)

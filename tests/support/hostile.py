@@ -141,10 +141,10 @@ def units(layers: Layers) -> int:
 
 
 def ext_copies(layers: Layers) -> int:
-    """Bytes of extension data copied inside other extensions (the copy budget).
+    """Bytes of extension data charged to the copy budget.
 
-    The outermost extension is free; the second is copied once, deeper ones
-    twice (into an Unpacker's buffer too).
+    The first two levels are free (each copies at most the payload); deeper
+    ones are copied twice (into an Unpacker's buffer too).
     """
     sizes: list[int] = []
     size = len(NIL)
@@ -158,7 +158,7 @@ def ext_copies(layers: Layers) -> int:
                 sizes.append(size + 1)
                 size += len(ext_header(EXT_CODES[kind], size + 1)) + 1
     sizes.reverse()  # outermost first
-    return sum(sizes[1:2]) + 2 * sum(sizes[2:])
+    return 2 * sum(sizes[2:])
 
 
 def outcome(layers: Layers, max_bytes: int) -> set[str]:

@@ -165,7 +165,7 @@ def test_nested_copies_are_capped() -> None:
     deep = hostile.bomb(hostile.nested([("tuple", 64)], big), "zstd")
     assert decode(two, 8 << 20) == {"ok"}
     assert decode(deep, 8 << 20) == {"too_large"}
-    assert decode(deep) == {"too_large"}  # 63 copies of 3 MiB > 32 MiB
+    assert decode(deep) == {"too_large"}  # 2 x 3 MiB a level from the third
 
 
 # -- depth, in a child process ----------------------------------------------------
