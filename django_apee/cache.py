@@ -3,9 +3,9 @@
 A swap-in for ``django_redis.cache.RedisCache`` (and Django's own
 ``RedisCache``): same LOCATION forms, same OPTIONS, same extra methods, on
 django-redis's pools and clients. What changes is what sits in Redis (a
-versioned, compressed, signed-where-needed envelope, see ``envelope.py``) and
-that the places where django-redis departs from Django's cache contract follow
-Django.
+versioned, compressed envelope, authenticated and bound to its key, see
+``core/wire.py``) and that the places where django-redis departs from Django's
+cache contract follow Django.
 
 Constructing the backend never talks to Redis: Django builds every backend
 during ``manage.py check``.
@@ -50,10 +50,10 @@ LEGACY_LOG = RateLimitedLog(logger, per_seconds=86_400.0)
 
 
 def signing_keys() -> list[bytes]:
-    """Keys for signed values: SECRET_KEY first, then its fallbacks.
+    """The envelope's MAC keys: SECRET_KEY's first, then its fallbacks'.
 
-    The fallbacks let a SECRET_KEY rotation keep reading what is already
-    cached.
+    Every value is authenticated, whatever the codec. The fallbacks let a
+    SECRET_KEY rotation keep reading what is already cached.
     """
     return derive_signing_keys(
         [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", ())]
@@ -102,7 +102,7 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
                 compress_min_bytes=self.options.compress_min_bytes,
                 compress_level=self.options.compress_level,
                 pickle_fallback=self.options.allow_pickle,
-                signing_keys=signing_keys() if self.options.allow_pickle else (),
+                signing_keys=signing_keys(),
                 max_decompressed_bytes=self.options.max_value_bytes,
             )
         return self._envelope

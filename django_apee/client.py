@@ -26,8 +26,15 @@ from redis.client import Pipeline
 
 from django_apee.client_inplace import InPlaceMixin, interrupted
 from django_apee.core import MISSING, policy, to_milliseconds
-from django_apee.core.envelope import DecodeError, Meta, is_raw_int, peek_meta
+from django_apee.core.envelope import (
+    MEMBER_KEY,
+    DecodeError,
+    Meta,
+    is_raw_int,
+    peek_meta,
+)
 from django_apee.core.keys import LEASE, companion
+from django_apee.core.wire import HEADER_PEEK_BYTES
 from django_apee.engine.herd import Row
 from django_apee.observe import metrics
 from django_apee.store import scripts
@@ -65,40 +72,57 @@ class ApeeClientMixin(InPlaceMixin):
     # -- bytes in, bytes out -------------------------------------------------
 
     def encode(
-        self, value: Any, *, allow_int: bool = True, meta: Meta | None = None
+        self,
+        value: Any,
+        *,
+        allow_int: bool = True,
+        meta: Meta | None = None,
+        key: str = MEMBER_KEY,
     ) -> bytes | int:
-        """Bytes to store for ``value``, or the int itself (INCR works on it).
+        """Bytes to store under ``key`` for ``value``, or the int itself (INCR
+        works on it).
 
-        ``meta`` (timings) goes into the envelope; a bare int carries none.
-        Sorted-set members must be bytes (``allow_int=False``): an empty
-        Meta forces the envelope.
+        ``key`` is the full Redis key (the made key) the envelope's MAC binds
+        the bytes to. django-redis encodes set and hash members without one:
+        they are bound to the empty key (authenticated, not bound to their
+        collection). ``meta`` (timings) goes into the envelope; a bare int
+        carries none. Sorted-set members must be bytes (``allow_int=False``):
+        an empty Meta forces the envelope.
         """
+        envelope = self._backend.envelope
         if is_raw_int(value):
-            return value if allow_int else self._backend.envelope.encode(value, Meta())
-        return self._backend.envelope.encode(value, meta)
+            return value if allow_int else envelope.encode(value, Meta(), key=key)
+        return envelope.encode(value, meta, key=key)
 
-    def decode(self, value: bytes | int | str) -> Any:
-        """Decode stored bytes; a value nobody can read raises DecodeError.
+    def decode(self, value: bytes | int | str, *, key: str = MEMBER_KEY) -> Any:
+        """Decode bytes stored under ``key``; a value nobody can read raises
+        DecodeError.
 
         ``get`` and ``get_many`` turn that into a counted miss. Other readers
-        (set and hash members) raise it, naming the reason.
+        (set and hash members, read without a key) raise it, naming the
+        reason.
         """
         if isinstance(value, int):
             return value
-        return self._decode_with_meta(value)[0]
+        return self._decode_with_meta(value, key)[0]
 
-    def decode_entry(self, raw: bytes | str) -> tuple[Any, Meta | None] | None:
-        """Value and timing metadata of a stored entry; None (counted) if unreadable."""
+    def decode_entry(
+        self, made: str, raw: bytes | str
+    ) -> tuple[Any, Meta | None] | None:
+        """Value and timing metadata of the entry stored under ``made``; None
+        (counted) if unreadable."""
         try:
-            return self._decode_with_meta(raw)
+            return self._decode_with_meta(raw, made)
         except DecodeError:
             return None
 
-    def _decode_with_meta(self, value: bytes | str) -> tuple[Any, Meta | None]:
+    def _decode_with_meta(
+        self, value: bytes | str, key: str
+    ) -> tuple[Any, Meta | None]:
         if isinstance(value, str):
             value = value.encode()
         try:
-            decoded = self._backend.envelope.decode(value)
+            decoded = self._backend.envelope.decode(value, key=key)
         except DecodeError as error:
             if error.reason == "foreign" and self._backend.legacy_reads:
                 legacy = self._decode_legacy(value)
@@ -241,7 +265,7 @@ class ApeeClientMixin(InPlaceMixin):
             return self._herd_set(client, made, value, px, herd, won)
         # The hard timeout lets readers tell the entry's age from its PTTL;
         # the soft one is the reader's rule (SOFT_TIMEOUT_RATIO), not stored.
-        encoded = self.encode(value, meta=Meta(hard_ms=px) if px else None)
+        encoded = self.encode(value, meta=Meta(hard_ms=px) if px else None, key=made)
         mode = "NX" if nx else "XX" if xx else ""
         with interrupted(client):
             stored = scripts.run(
@@ -272,7 +296,7 @@ class ApeeClientMixin(InPlaceMixin):
             seed=random.randrange(1, policy.SEED_RANGE),
         )
         try:
-            encoded = self.encode(value, meta=meta)
+            encoded = self.encode(value, meta=meta, key=made)
         except Exception:
             herd.release_quietly(won.lease)
             raise
@@ -325,7 +349,8 @@ class ApeeClientMixin(InPlaceMixin):
             client = self.get_client(write=False)
         with interrupted(client):
             pipeline = client.pipeline(transaction=False)
-            pipeline.getrange(made, 0, 260)  # the header and metadata, not the value
+            # The header and metadata, not the value.
+            pipeline.getrange(made, 0, HEADER_PEEK_BYTES - 1)
             pipeline.pttl(made)
             raw, pttl = pipeline.execute()
         if pttl == -2:

@@ -4,7 +4,9 @@
 keep what django-redis keeps (raw ints stay atomic in Redis) and what it
 loses (a stored ``None``, the envelope's timing metadata). Mixed into
 ``client.ApeeClientMixin``, which supplies ``make_key``, ``encode`` and
-``decode``.
+``decode``. Every envelope is bound to its Redis key (``core/wire.py``): a
+value moved to another key is re-bound, and one read or written back is
+given its key.
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ class InPlaceMixin:
             self, key: Any, version: int | None = None, prefix: str | None = None
         ) -> CacheKey: ...
 
-        def encode(self, value: Any) -> bytes | int: ...
+        def encode(self, value: Any, *, key: str = ...) -> bytes | int: ...
 
-        def decode(self, value: bytes | int | str) -> Any: ...
+        def decode(self, value: bytes | int | str, *, key: str = ...) -> Any: ...
 
         def get_client(self, write: bool = True) -> Redis: ...
 
@@ -69,7 +71,10 @@ class InPlaceMixin:
 
         django-redis decodes and re-encodes, and refuses a stored ``None``;
         copying the stored bytes keeps ``None``, raw ints and the envelope's
-        timing metadata exactly.
+        timing metadata exactly. Only the MAC changes: the envelope is
+        re-bound to the new key (``Envelope.rebind``, which checks the old
+        MAC and decodes nothing). A value that does not verify is as good
+        as absent, as ``get`` would find it.
         """
         if version is None:
             version = self._backend.version
@@ -81,6 +86,13 @@ class InPlaceMixin:
         raw, px = self._read_with_px(old, client)
         if raw is None:
             raise ValueError(f"Key '{original}' not found")
+        try:
+            raw = self._backend.envelope.rebind(raw, old, new)
+        except DecodeError as error:
+            # What django-redis or Django wrote is read as it was (LEGACY_READS).
+            if not (error.reason == "foreign" and self._backend.legacy_reads):
+                self._backend.report_decode_error(error)
+                raise ValueError(f"Key '{original}' not found") from None
         with interrupted(client):
             pipeline = client.pipeline(transaction=False)
             pipeline.set(new, raw, px=px)
@@ -133,9 +145,9 @@ class InPlaceMixin:
         if raw is None:
             raise ValueError(f"Key '{made.original_key()}' not found")
         try:
-            value = self.decode(raw) + delta
+            value = self.decode(raw, key=made) + delta
         except DecodeError:
             raise ValueError(f"Key '{made.original_key()}' not found") from None
         with interrupted(client):
-            client.set(made, self.encode(value), px=px)
+            client.set(made, self.encode(value, key=made), px=px)
         return value

@@ -42,12 +42,13 @@ class BackendStore:
         connection: Redis = self._backend.client.get_client(write=True)
         return connection
 
-    def decode_entry(self, raw: bytes) -> tuple[Any, Meta | None] | None:
-        entry: tuple[Any, Meta | None] | None = self._backend.client.decode_entry(raw)
+    def decode_entry(self, made: str, raw: bytes) -> tuple[Any, Meta | None] | None:
+        client = self._backend.client
+        entry: tuple[Any, Meta | None] | None = client.decode_entry(made, raw)
         return entry
 
-    def encode_entry(self, value: Any, meta: Meta) -> bytes:
-        encoded = self._backend.envelope.encode(value, meta)
+    def encode_entry(self, made: str, value: Any, meta: Meta) -> bytes:
+        encoded = self._backend.envelope.encode(value, meta, key=made)
         assert isinstance(encoded, bytes)  # values with meta are always enveloped
         return encoded
 

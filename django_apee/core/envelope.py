@@ -6,45 +6,63 @@ rate-limited log line; the envelope only has to be exact, fast on the hit path
 and impossible to crash with hostile bytes. The byte layout is described in
 :mod:`django_apee.core.wire`, the msgpack codec in
 :mod:`django_apee.core.codec`, compression in
-:mod:`django_apee.core.compression`; here they are put together, and signed.
+:mod:`django_apee.core.compression`, the MAC in :mod:`django_apee.core.mac`;
+here they are put together.
+
+Every value is bound to its key
+===============================
+``encode``, ``decode``, ``open`` take the full Redis key the bytes are stored
+under (``key=``, a ``str``: the made key, ``KEY_PREFIX:VERSION:key``), and
+every envelope carries a MAC over that key and all its bytes, whatever the
+codec. Bytes planted in Redis, or copied there from another key, do not
+verify: ``decode`` raises :class:`DecodeError` ``"signature"`` before it
+decompresses, unpacks or unpickles anything. Moving a value to another key
+(``incr_version``) goes through :meth:`Envelope.rebind`, which checks the old
+MAC and writes the new one without decoding the payload.
+
+Members of Redis sets and hashes are encoded without a key (django-redis's
+``sadd``, ``hset`` ...): their MAC is bound to the empty key, ``key=""``. They
+are authenticated, not bound to their collection.
+
+Raw ints (ASCII digits, so that ``INCR`` works) are the one unsigned value;
+``core/wire.py`` says why that is safe.
 
 Choosing the codec
 ==================
 ``codec="msgpack"`` (this class's default) is language-neutral and, with the
 pickle fallback off, never executes code on read. ``codec="pickle"`` (the
-backend's default when pickle is allowed) signs every value: in CPython,
+backend's default when pickle is allowed) pickles every value: in CPython,
 ``pickle.loads`` reads the typical cached value (string-heavy dicts, rows of
 datetimes and Decimals) 1.5-5x faster than msgpack with Python extension
-hooks, at the same size after compression, and a reader that accepts signed
-pickle at all is no safer for also accepting msgpack.
+hooks, at the same size after compression, and a reader that accepts
+authenticated pickle at all is no safer for also accepting msgpack.
 
 With ``codec="msgpack"``, anything msgpack cannot carry exactly sends the
-*whole* value to signed pickle (or raises :class:`UnserializableValueError`
-when the fallback is off).
+*whole* value to pickle (or raises :class:`UnserializableValueError` when the
+fallback is off).
 
-Signed pickle
-=============
+Pickle
+======
 Types msgpack cannot carry (``HttpResponse`` from ``cache_page``, model
-instances) are pickled with ``pickle.HIGHEST_PROTOCOL`` and HMAC-SHA256
-signed. The keys are used as given; :func:`derive_signing_keys` turns
-``SECRET_KEY`` and ``SECRET_KEY_FALLBACKS`` into keys (so a leaked cache key
-is not the Django secret). The first key signs, every key verifies, which
-makes secret rotation seamless. A reader whose pickle fallback is off does not
-unpickle anything, even correctly signed data (reason ``"codec_unavailable"``):
+instances) are pickled with ``pickle.HIGHEST_PROTOCOL``. The MAC keys are
+used as given; :func:`derive_signing_keys` turns ``SECRET_KEY`` and
+``SECRET_KEY_FALLBACKS`` into keys (so a leaked cache key is not the Django
+secret). The first key signs, every key verifies, which makes secret
+rotation seamless. A reader whose pickle fallback is off does not unpickle
+anything, even correctly authenticated data (reason ``"codec_unavailable"``):
 "pickle off" means no pickle in this process, in either direction.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import pickle
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from django_apee.core import compression
 from django_apee.core.codec import MSGPACK_FAILURES, pack, pack_value, unpack
 from django_apee.core.extensions import Unsupported, type_name
+from django_apee.core.mac import MAC_KEY_LABEL, Macs, bind, derive_signing_keys
 from django_apee.core.wire import (
     CODEC_MASK,
     CODEC_MSGPACK,
@@ -59,10 +77,10 @@ from django_apee.core.wire import (
     DECODE_REASONS,
     FLAG_META,
     FORMAT_VERSION,
+    MAC_LEN,
     MAGIC,
     META_START,
     RAW_INT,
-    SIGNATURE_LEN,
     Decoded,
     DecodeError,
     Meta,
@@ -82,8 +100,9 @@ __all__ = [
     "COMPRESSION_ZSTD",
     "DECODE_REASONS",
     "FORMAT_VERSION",
+    "MAC_KEY_LABEL",
     "MAGIC",
-    "SIGNING_KEY_LABEL",
+    "MEMBER_KEY",
     "DecodeError",
     "Decoded",
     "Envelope",
@@ -95,10 +114,8 @@ __all__ = [
     "peek_meta",
 ]
 
-#: Prefixed to each secret before hashing it into a signing key, so the key
-#: serves this purpose only. Values already in Redis are signed with keys
-#: derived with it: changing it makes every stored pickle unreadable.
-SIGNING_KEY_LABEL = b"django_apee.envelope.pickle\x00"
+#: The key set and hash members are bound to: they are stored without one.
+MEMBER_KEY = ""
 
 _UINT64_LIMIT = 2**64
 
@@ -115,22 +132,6 @@ class Opened(NamedTuple):
 
 # Every (flags) -> 4-byte header, so encoding concatenates instead of packing.
 _HEADERS = tuple(MAGIC + bytes((FORMAT_VERSION, flags)) for flags in range(0x20))
-
-
-def derive_signing_keys(secrets: Iterable[str]) -> list[bytes]:
-    """Signing keys for :class:`Envelope` from secrets, in the same order.
-
-    Derived, not used raw, so the HMAC key is specific to this purpose. Give
-    ``SECRET_KEY`` first, then ``SECRET_KEY_FALLBACKS``: the first key signs,
-    the fallbacks keep a rotation reading what is already cached. Empty
-    secrets are skipped.
-    """
-    return [
-        # str() as well: a bytes secret has always been hashed as its repr.
-        hashlib.sha256(SIGNING_KEY_LABEL + str(secret).encode()).digest()
-        for secret in secrets
-        if secret
-    ]
 
 
 class Envelope:
@@ -182,11 +183,11 @@ class Envelope:
         for key in keys:
             if not isinstance(key, bytes) or not key:
                 raise ValueError("every signing key must be non-empty bytes")
-        if pickle_fallback and not keys:
+        if not keys:
             raise ValueError(
-                "pickle_fallback needs at least one signing key: unsigned pickle "
-                "in a shared Redis is remote code execution for whoever can "
-                "write to it"
+                "the envelope needs at least one signing key: every value is "
+                "authenticated, or whoever can write to Redis chooses what is "
+                "served (derive_signing_keys() makes them from SECRET_KEY)"
             )
 
         self.codec = codec
@@ -195,8 +196,7 @@ class Envelope:
         self.compress_level = compress_level
         self.pickle_fallback = bool(pickle_fallback)
         self.max_decompressed_bytes = max_decompressed_bytes
-        # Keyed HMAC objects are copied per use: cheaper than re-keying.
-        self._macs = tuple(hmac.new(key, digestmod=hashlib.sha256) for key in keys)
+        self._macs = Macs(keys)
         self._compression_bits = COMPRESSIONS[compressor]
         self._compress: Callable[[bytes], bytes] | None = compression.make_compressor(
             compressor, compress_level
@@ -222,14 +222,16 @@ class Envelope:
 
     # ---------------------------------------------------------------- encode
 
-    def encode(self, value: Any, meta: Meta | None = None) -> bytes | int:
-        """Return what to store for ``value``: the int itself, or envelope bytes.
+    def encode(self, value: Any, meta: Meta | None = None, *, key: str) -> bytes | int:
+        """What to store under ``key`` for ``value``: an int, or envelope bytes.
 
+        The envelope's MAC binds the bytes to ``key``, the full Redis key.
         With ``codec="msgpack"`` msgpack is tried first; only when it cannot
-        carry the value does the whole value go to signed pickle (or fail
-        with :class:`UnserializableValueError` when the fallback is off).
-        With ``codec="pickle"`` every value is signed pickle.
+        carry the value does the whole value go to pickle (or fail with
+        :class:`UnserializableValueError` when the fallback is off). With
+        ``codec="pickle"`` every value is pickled.
         """
+        bound = bind(key)
         if meta is None:
             if is_raw_int(value):
                 return value
@@ -261,10 +263,7 @@ class Envelope:
             prefix = (
                 _HEADERS[flags | FLAG_META] + bytes((len(packed_meta),)) + packed_meta
             )
-
-        if codec == CODEC_PICKLE:
-            return prefix + self._sign(prefix, payload) + payload
-        return prefix + payload
+        return prefix + self._macs.sign(bound, prefix, payload) + payload
 
     def _pickle(self, value: Any, cause: Exception | None) -> bytes:
         value_type = type_name(type(value))
@@ -277,7 +276,7 @@ class Envelope:
             raise UnserializableValueError(
                 f"cannot cache a value of type {value_type}: msgpack cannot carry "
                 f"it ({what}) and the pickle fallback is off; set OPTIONS "
-                '"ALLOW_PICKLE": True to store such values with signed pickle, '
+                '"ALLOW_PICKLE": True to store such values with pickle, '
                 "or convert them to plain types"
             ) from cause
         try:
@@ -288,19 +287,15 @@ class Envelope:
                 f"pickle can serialize it ({exc})"
             ) from exc
 
-    def _sign(self, prefix: bytes, payload: bytes) -> bytes:
-        mac = self._macs[0].copy()
-        mac.update(prefix)
-        mac.update(payload)
-        return mac.digest()
-
     # ---------------------------------------------------------------- decode
 
-    def decode(self, data: bytes) -> Decoded:
-        """Turn stored bytes back into ``Decoded(value, meta)``.
+    def decode(self, data: bytes, *, key: str) -> Decoded:
+        """Turn bytes stored under ``key`` back into ``Decoded(value, meta)``.
 
-        Raises :class:`DecodeError` and nothing else, whatever the input.
+        Raises :class:`DecodeError` and nothing else, whatever ``data``
+        holds; bytes whose MAC is not ``key``'s are ``"signature"``.
         """
+        bound = bind(key)
         if type(data) is not bytes:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise DecodeError(
@@ -309,53 +304,42 @@ class Envelope:
             data = bytes(data)
         if not data.startswith(MAGIC):
             if RAW_INT.fullmatch(data) is not None:
+                # Unsigned by design (INCR must work on it): see core/wire.py.
                 try:
                     return Decoded(int(data), None)
                 except ValueError:  # more digits than int() allows
                     raise DecodeError("corrupt", "raw integer is too long") from None
             raise DecodeError("foreign", "not a django-apee value (no magic)")
-        return _guarded(self._decode, data)
+        return _guarded(self._decode, data, bound)
 
-    def _decode(self, data: bytes) -> Decoded:
-        codec, meta, payload = self._open(data)
+    def open(self, data: bytes, *, key: str) -> Opened:
+        """Check and unwrap an envelope without turning its payload into a value.
+
+        The MAC is verified and the payload decompressed (within the size
+        cap), exactly as ``decode`` would, but nothing is unpickled or
+        unpacked: ``apee_stats --key`` describes a value this way. Raises
+        :class:`DecodeError` (also for raw ints and foreign bytes).
+        """
+        bound = bind(key)
+        if not isinstance(data, bytes) or not data.startswith(MAGIC):
+            raise DecodeError("foreign", "not a django-apee envelope (no magic)")
+        return Opened(*_guarded(self._open, data, bound))
+
+    def _decode(self, data: bytes, bound: bytes) -> Decoded:
+        codec, meta, payload = self._open(data, bound)
         if codec == CODEC_PICKLE:
             return Decoded(pickle.loads(payload), meta)
         return Decoded(unpack(payload, self.max_decompressed_bytes), meta)
 
-    def open(self, data: bytes) -> Opened:
-        """Check and unwrap an envelope without turning its payload into a value.
-
-        The signature is verified and the payload decompressed (within the
-        size cap), exactly as ``decode`` would, but nothing is unpickled or
-        unpacked: ``apee_stats --key`` describes a value this way. Raises
-        :class:`DecodeError` (also for raw ints and foreign bytes).
-        """
-        if not isinstance(data, bytes) or not data.startswith(MAGIC):
-            raise DecodeError("foreign", "not a django-apee envelope (no magic)")
-        return Opened(*_guarded(self._open, data))
-
-    def _open(self, data: bytes) -> tuple[int, Meta | None, bytes]:
+    def _open(self, data: bytes, bound: bytes) -> tuple[int, Meta | None, bytes]:
         """(codec, meta, the codec's bytes): verified, decompressed."""
-        flags, pos = read_header(data)
+        flags, pos, payload = self._verified(data, bound)
         codec = flags & CODEC_MASK
-        if codec == CODEC_PICKLE:
-            if not self.pickle_fallback:
-                raise DecodeError(
-                    "codec_unavailable",
-                    "pickled value, but pickle is disabled on this reader",
-                )
-            end = pos + SIGNATURE_LEN
-            if len(data) < end:
-                raise DecodeError("truncated", "signature is incomplete")
-            payload = data[end:]
-            # Before anything else touches the payload.
-            if not self._verify(data[:pos], payload, data[pos:end]):
-                raise DecodeError(
-                    "signature", "pickle signature does not verify with any signing key"
-                )
-        else:
-            payload = data[pos:]
-
+        if codec == CODEC_PICKLE and not self.pickle_fallback:
+            raise DecodeError(
+                "codec_unavailable",
+                "pickled value, but pickle is disabled on this reader",
+            )
         meta = unpack_meta(data[META_START:pos]) if flags & FLAG_META else None
 
         bits = (flags & COMPRESSION_MASK) >> COMPRESSION_SHIFT
@@ -366,23 +350,57 @@ class Envelope:
             raise DecodeError("truncated", "payload is empty")
         return codec, meta, payload
 
-    def _verify(self, prefix: bytes, payload: bytes, signature: bytes) -> bool:
-        for base in self._macs:
-            mac = base.copy()
-            mac.update(prefix)
-            mac.update(payload)
-            if hmac.compare_digest(mac.digest(), signature):
-                return True
-        return False
+    def _verified(self, data: bytes, bound: bytes) -> tuple[int, int, bytes]:
+        """(flags, where the MAC starts, the stored payload) of an envelope
+        whose MAC verifies for the ``bound`` key; nothing else is looked at
+        before that but the header's structure."""
+        flags, pos = read_header(data)
+        end = pos + MAC_LEN
+        if len(data) < end:
+            raise DecodeError("truncated", "the MAC is incomplete")
+        payload = data[end:]
+        if not self._macs.verify(bound, data[:pos], payload, data[pos:end]):
+            raise DecodeError(
+                "signature",
+                "the MAC does not verify with any signing key for this Redis key "
+                "(tampered, written under another SECRET_KEY, or copied from "
+                "another key)",
+            )
+        return flags, pos, payload
+
+    # ---------------------------------------------------------------- move
+
+    def rebind(self, data: bytes, old_key: str, new_key: str) -> bytes:
+        """The bytes ``data`` stored under ``old_key``, bound to ``new_key``.
+
+        For moving a value between keys (``incr_version``) without decoding
+        it: the old MAC is verified, the new one written; the header, the
+        metadata and the payload are kept byte for byte (nothing is
+        decompressed, unpacked or unpickled). A raw int is returned as it is.
+        Raises :class:`DecodeError` (``"signature"`` when ``data`` is not
+        ``old_key``'s), and nothing else.
+        """
+        old, new = bind(old_key), bind(new_key)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise DecodeError("foreign", f"expected bytes, got {type_name(type(data))}")
+        data = bytes(data)
+        if not data.startswith(MAGIC):
+            if RAW_INT.fullmatch(data) is not None:
+                return data
+            raise DecodeError("foreign", "not a django-apee value (no magic)")
+        _flags, pos, payload = self._verified(data, old)
+        head = data[:pos]
+        return head + self._macs.sign(new, head, payload) + payload
 
 
 T = TypeVar("T")
 
 
-def _guarded(step: Callable[[bytes], T], data: bytes) -> T:
-    """Run a decoding step on stored bytes: anything but DecodeError is corrupt."""
+def _guarded(step: Callable[[bytes, bytes], T], data: bytes, bound: bytes) -> T:
+    """Run a decoding step on bytes stored under the ``bound`` key: anything but
+    DecodeError is corrupt."""
     try:
-        return step(data)
+        return step(data, bound)
     except DecodeError:
         raise
     except Exception as exc:

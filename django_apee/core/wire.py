@@ -4,7 +4,7 @@ The envelope, the stats command and the Lua scripts all look at the same
 header; the layout, its numbers and the names of its codecs and compressions
 live here so that they cannot drift apart (``tests/unit/test_wire_lua.py`` checks
 the literals the Lua scripts have to spell out). This module reads headers and
-metadata only: the payload's codec, compression and signature are elsewhere.
+metadata only: the payload's codec, compression and MAC are elsewhere.
 
 Why a header at all
 ===================
@@ -15,7 +15,7 @@ magic that neither msgpack, pickle, ASCII integers nor the usual compressors
 ever start with, so foreign bytes are recognised and reported instead of being
 misread.
 
-Wire format, version 1
+Wire format, version 2
 ======================
 ::
 
@@ -23,9 +23,9 @@ Wire format, version 1
                 0xC1 is the one byte msgpack never emits; pickle starts with
                 0x80, raw ints with ASCII digits or "-", zlib 0x78, zstd 0x28,
                 lz4 0x04, gzip 0x1f.
-    offset 2    FORMAT_VERSION = 1
+    offset 2    FORMAT_VERSION = 2
     offset 3    flags
-                  bits 0-1  codec: 0 msgpack, 1 signed pickle, 2-3 reserved
+                  bits 0-1  codec: 0 msgpack, 1 pickle, 2-3 reserved
                   bits 2-3  compression: 0 none, 1 zstd, 2 lz4, 3 zlib
                   bit  4    META present
                   bits 5-7  reserved, must be 0
@@ -34,13 +34,55 @@ Wire format, version 1
                 Readers take the fields they know, ignore extra trailing
                 fields (so a later writer may append fields without a version
                 bump) and default missing ones to 0; n == 0 means "all 0".
-    if pickle   32 bytes HMAC-SHA256 over (every byte before the signature)
-                + (the stored payload bytes after it). The header, the
-                metadata and the *compressed* payload are all covered, so the
-                signature is checked before anything is decompressed or
-                unpickled.
+    MAC         16 bytes, every envelope whatever its codec:
+                HMAC-SHA256, truncated to 128 bits, over
+                    len(K) as 4 bytes big-endian || K
+                    || every stored byte before the MAC
+                    || the stored payload bytes after it
+                where K is the full Redis key the value is stored under
+                (``KEY_PREFIX:VERSION:key``, UTF-8). See ``core/mac.py`` for
+                the keys and why this MAC.
     payload     the codec bytes, compressed if the compression bits say so.
 
+What the MAC buys
+-----------------
+Whoever can write to Redis can plant bytes under any key. Every envelope is
+authenticated, so planted bytes are a miss (reason ``signature``), not a
+value: not a pickle to run, and not a msgpack ``SafeString`` that a template
+would print unescaped. And each MAC is bound to its key, so the bytes of
+``perms:user:2`` copied onto ``perms:user:1`` are a miss too, not user 2's
+permissions served for user 1. The key is length-prefixed, so no (key, bytes)
+pair can be shifted into another that verifies. The header, the metadata
+and the *compressed* payload are all covered, and the MAC is checked before
+anything is decompressed, unpacked or unpickled.
+
+Values in Redis sets and hashes (django-redis's ``sadd``, ``hset`` ...) are
+written without a key: their MAC is bound to the empty key. They are
+authenticated, but not bound to their collection: a member can be copied
+into another set or hash and still verify. (No value key is empty, so a
+member never verifies as the value of a key, nor the other way round.)
+
+What the MAC does not cover
+---------------------------
+*Raw ints* are the one unsigned value (see below): what a forged one can do
+is limited to what a counter is.
+
+*Header peeks* are not verified: :func:`peek_meta` and the Lua scripts read
+the metadata (an entry's timeouts and grace) without the MAC, to answer
+``ttl``, ``has_key`` and ``add`` without reading the value. Forged metadata
+can only mistime an entry; the value itself is never served unless its MAC,
+which covers the metadata, verifies. Someone who can write to Redis can
+expire or delete the key outright anyway.
+
+Version 1 (before every value was authenticated) had the same header and
+signed only pickles, with a 32-byte HMAC-SHA256 unbound to the key. Readers
+of version 2 do not read it: a version-1 value is a miss (reason
+``version``) and the cache refills as entries are recomputed. Accepting it
+would accept exactly the unsigned and unbound values version 2 exists to
+refuse.
+
+Raw ints
+--------
 Plain ``int`` values in the signed 64-bit range and without metadata are not
 enveloped at all: the backend stores their ASCII digits, exactly like
 django-redis, so ``INCR``/``DECR`` stay atomic and existing counters keep
@@ -48,12 +90,29 @@ working after swapping backends. Larger ints go into an envelope (Redis could
 not ``INCR`` them anyway, and Python refuses to ``str()`` ints above 4300
 digits by default).
 
+Raw ints carry no MAC: Redis could not ``INCRBY`` a value that carried one.
+That is safe because of what a forged raw int can and cannot be. Only bytes
+that are ASCII digits, and nothing else (an optional ``-`` first), decode as
+one, and they decode to an ``int``: no code runs, no other type comes back,
+no markup reaches a template, no dict of permissions is served. What an
+attacker can do with one is set an int-valued entry to another int: a
+counter, but also, say, a level or a flag stored as an int. Anyone who can
+write to Redis can already do that with ``SET`` or ``INCRBY``, on this cache
+as on django-redis, and a MAC could not stop it, since counters are meant to
+change in Redis. Planted on a key that holds something else, digits make
+its reader get an int where it expected another type: an error in that
+caller, not a value it trusts. An int whose integrity matters more than
+atomic ``incr`` can be stored wrapped (a one-tuple, a string): then it is an
+envelope, authenticated and bound to its key.
+
 Reading only the header
 =======================
 Questions about an entry's age (``ttl``, ``has_key``, ``add`` over an entry
 kept only for its grace) need the metadata, not the value. The longest
-header with metadata is 4 + 1 + 255 = 260 bytes, so a ``GETRANGE`` of the
-first :data:`HEADER_PEEK_BYTES` bytes always holds it, however large the value.
+header with metadata is 4 + 1 + 255 = 260 bytes (the MAC follows it), so a
+``GETRANGE`` of the first :data:`HEADER_PEEK_BYTES` bytes always holds it,
+however large the value. What such a peek reads is not authenticated (see
+above).
 
 Decoding failures
 =================
@@ -61,10 +120,13 @@ Decoding raises :class:`DecodeError` and nothing else for any input;
 ``reason`` is one of:
 
 ``foreign``            no magic and not an ASCII integer
-``version``            another format version
+``version``            another format version (a value written before an
+                       upgrade to version 2)
 ``truncated``          shorter than its header says
 ``corrupt``            reserved bits set, bad metadata, undecodable payload
-``signature``          pickle signature does not verify with any key
+``signature``          the MAC does not verify with any key: tampered,
+                       planted, written under another secret, or bound to
+                       another Redis key
 ``compression``        the compressed payload does not decompress cleanly
 ``codec_unavailable``  reserved codec, compressor library not installed,
                        time zone unknown here, or pickle disabled here
@@ -101,7 +163,7 @@ __all__ = [
 ]
 
 MAGIC = b"\xc1\xa9"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Byte offsets (see the module docstring).
 VERSION_AT = 2
@@ -110,13 +172,14 @@ HEADER_LEN = 4
 META_LEN_AT = 4
 META_START = 5
 MAX_META_LEN = 255
-SIGNATURE_LEN = 32  # HMAC-SHA256 digest size
+#: The MAC after the header and metadata: HMAC-SHA256 truncated to 128 bits.
+MAC_LEN = 16
 
-#: Enough leading bytes to read the header and the longest metadata. That is
-#: ``META_START + MAX_META_LEN`` = 260; the readers have always asked for one
-#: byte more (``GETRANGE key 0 260``, both ends inclusive), which costs nothing
-#: and is kept so that no reader changes. Ask Redis for bytes
-#: ``0 .. HEADER_PEEK_BYTES - 1``.
+#: Enough leading bytes to read the header and the longest metadata (the MAC
+#: comes after it). That is ``META_START + MAX_META_LEN`` = 260; the readers
+#: have always asked for one byte more (``GETRANGE key 0 260``, both ends
+#: inclusive), which costs nothing and is kept so that no reader changes.
+#: Ask Redis for bytes ``0 .. HEADER_PEEK_BYTES - 1``.
 HEADER_PEEK_BYTES = META_START + MAX_META_LEN + 1
 
 # Flag bits.
@@ -230,7 +293,7 @@ class Header(NamedTuple):
     #: A name from :data:`COMPRESSIONS`.
     compression: str
     meta: Meta | None
-    #: Bytes before the payload: header, metadata and signature.
+    #: Bytes before the payload: header, metadata and MAC.
     header_len: int
     #: Bytes after ``header_len``: the (compressed) payload, or as much of it
     #: as the given bytes held when they were only a prefix.
@@ -242,7 +305,8 @@ class Header(NamedTuple):
 
     @property
     def signed(self) -> bool:
-        return self.codec == "pickle"
+        """Every envelope of format version 2 carries a MAC, whatever its codec."""
+        return True
 
 
 def is_raw_int(value: Any) -> TypeGuard[int]:
@@ -253,8 +317,8 @@ def is_raw_int(value: Any) -> TypeGuard[int]:
 def read_header(data: bytes) -> tuple[int, int]:
     """The flags and where the metadata ends, for bytes that start with MAGIC.
 
-    Checks what the header alone can tell; the signature and payload after
-    the returned offset are the caller's. Raises :class:`DecodeError`.
+    Checks what the header alone can tell; the MAC and payload after the
+    returned offset are the caller's. Raises :class:`DecodeError`.
     """
     size = len(data)
     if size < HEADER_LEN:
@@ -321,7 +385,7 @@ def describe(data: bytes) -> Header | None:
     except DecodeError:
         return None
     codec = flags & CODEC_MASK
-    header_len = meta_end + (SIGNATURE_LEN if codec == CODEC_PICKLE else 0)
+    header_len = meta_end + MAC_LEN
     return Header(
         version=data[VERSION_AT],
         codec=CODEC_NAMES[codec],
@@ -337,7 +401,9 @@ def peek_meta(data: bytes) -> Meta | None:
 
     For questions about an entry's age (``ttl``, ``has_key``) that must not
     pay for decompressing or unpickling the value. None when the bytes carry
-    no metadata or are not a readable envelope header. Only the metadata bit
+    no metadata or are not a readable envelope header. The metadata is not
+    authenticated here (the MAC covers the whole value): use it for timing
+    questions only, never to decide what to serve. Only the metadata bit
     of the flags is looked at: unlike :func:`describe`, reserved bits or an
     unknown codec do not hide the metadata.
     """

@@ -122,7 +122,7 @@ class Herd:
             if not row.raw:
                 absent.append((row.made, row.key, row.lease_pttl_ms))
                 continue
-            entry = self.waiting.store.decode_entry(row.raw)
+            entry = self.waiting.store.decode_entry(row.made, row.raw)
             if entry is None:
                 continue
             value, meta = entry

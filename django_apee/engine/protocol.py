@@ -4,7 +4,8 @@ The engine decides and coordinates; it does not know Django, the cache
 backend, or Prometheus. The Django surface hands it:
 
 * a :class:`Store`: the primary Redis connection and the entry codec (the
-  backend's envelope, with its error counting and legacy reads);
+  backend's envelope, with its error counting and legacy reads), which binds
+  every entry to its Redis key;
 * a :class:`Tuning`: the knobs, parsed once from OPTIONS;
 * an :class:`Events` sink: where every decision is counted (the metrics of
   ``observe/metrics.py`` satisfy it; tests may pass their own).
@@ -33,11 +34,12 @@ class Store(Protocol):
     def connection(self) -> Redis:
         """The primary: leases, fenced writes and wake-ups never go to a replica."""
 
-    def decode_entry(self, raw: bytes) -> tuple[Any, Meta | None] | None:
-        """Value and metadata of stored bytes; None (already counted) if unreadable."""
+    def decode_entry(self, made: str, raw: bytes) -> tuple[Any, Meta | None] | None:
+        """Value and metadata of the bytes stored under ``made``; None (already
+        counted) if unreadable, or not ``made``'s (the MAC binds them to it)."""
 
-    def encode_entry(self, value: Any, meta: Meta) -> bytes:
-        """The bytes to store for ``value`` written with ``meta``."""
+    def encode_entry(self, made: str, value: Any, meta: Meta) -> bytes:
+        """The bytes to store under ``made`` for ``value`` written with ``meta``."""
 
 
 class Counter(Protocol):

@@ -145,7 +145,7 @@ class Coordinator:
         self.breaker.success()
         stale = MISSING
         if raw is not None:
-            decoded = self.store.decode_entry(raw)
+            decoded = self.store.decode_entry(call.made, raw)
             if decoded is not None:
                 value, call.previous = decoded
                 state = policy.state(
@@ -297,7 +297,7 @@ class Coordinator:
         self.events.compute_seconds.observe(elapsed)
         try:
             meta = call.spec.meta(policy.measured_delta_ms(elapsed))
-            payload = self.store.encode_entry(value, meta)
+            payload = self.store.encode_entry(call.made, value, meta)
         except Exception:
             self.waiting.release_quietly(held)
             raise

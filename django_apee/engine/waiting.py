@@ -88,11 +88,12 @@ class Waiting:
 
     # -- what may be served --------------------------------------------------
 
-    def servable(self, raw: bytes | None, pttl_ms: int) -> Any:
-        """What ``get`` may serve of ``raw`` read with ``pttl_ms``, or MISSING."""
+    def servable(self, made: str, raw: bytes | None, pttl_ms: int) -> Any:
+        """What ``get`` may serve of ``raw`` read from ``made`` with ``pttl_ms``,
+        or MISSING."""
         if raw is None:
             return MISSING
-        entry = self.store.decode_entry(raw)
+        entry = self.store.decode_entry(made, raw)
         if entry is None:
             return MISSING
         value, meta = entry
@@ -113,13 +114,13 @@ class Waiting:
                 event = self.hub.expect(made)
                 try:
                     if woken:
-                        value = self.servable(*lease.read(client, made))
+                        value = self.servable(made, *lease.read(client, made))
                         if value is not MISSING:
                             return Landed(value, waited)
                     attempt = lease.acquire(
                         client, made, lease_ms, channel=self.hub.channel
                     )
-                    value = self.servable(attempt.raw, attempt.pttl_ms)
+                    value = self.servable(made, attempt.raw, attempt.pttl_ms)
                     if value is not MISSING:
                         if attempt.lease is not None:
                             self.release_quietly(attempt.lease)

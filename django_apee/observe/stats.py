@@ -240,7 +240,7 @@ def inspect_entry(
     if raw is None:
         return {**result, "state": "absent", "encoding": None}
     result.update(stored_bytes=len(raw), pttl_ms=int(pttl))
-    result.update(_describe_bytes(envelope, raw, show_value))
+    result.update(_describe_bytes(envelope, made, raw, show_value))
     meta = peek_meta(raw)
     result.update(_timing(meta, int(pttl)))
     if result["encoding"] == "unreadable":
@@ -253,17 +253,19 @@ def inspect_entry(
     return result
 
 
-def _describe_bytes(envelope: Envelope, raw: bytes, show_value: bool) -> dict[str, Any]:
+def _describe_bytes(
+    envelope: Envelope, made: str, raw: bytes, show_value: bool
+) -> dict[str, Any]:
     header = describe(raw)
     if header is None:
         try:
-            value = envelope.decode(raw).value  # a raw int, or unreadable
+            value = envelope.decode(raw, key=made).value  # a raw int, or unreadable
         except DecodeError as error:
             return {"encoding": "unreadable", "error": error.reason}
         found = {"encoding": "raw-int", "raw_bytes": len(raw)}
         return {**found, "value": repr(value)} if show_value else found
     try:
-        opened = envelope.open(raw)
+        opened = envelope.open(raw, key=made)
     except DecodeError as error:
         return {"encoding": "unreadable", "error": error.reason}
     found = {
@@ -274,7 +276,7 @@ def _describe_bytes(envelope: Envelope, raw: bytes, show_value: bool) -> dict[st
     }
     if show_value:
         value = (
-            pickle.loads(opened.payload)  # signed: it verified in open()
+            pickle.loads(opened.payload)  # its MAC verified in open()
             if opened.codec == CODEC_PICKLE
             else unpack(opened.payload)
         )

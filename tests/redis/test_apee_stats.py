@@ -240,7 +240,7 @@ def test_key_states_fresh_stale_leased_corrupt(raw_redis):
     cache.get_or_set_stampede_safe("fresh", lambda: "x" * 5000, 60)
     made = str(cache.client.make_key("stale"))
     meta = Meta(soft_ms=1_000, hard_ms=60_000, grace_ms=0, delta_ms=40, seed=1)
-    raw_redis.set(made, cache.envelope.encode("old", meta), px=50_000)
+    raw_redis.set(made, cache.envelope.encode("old", meta, key=made), px=50_000)
     client = cache.client.get_client(write=True)
     held = lease.acquire(
         client,
@@ -249,7 +249,7 @@ def test_key_states_fresh_stale_leased_corrupt(raw_redis):
         channel=cache.client.wake_channel,
     )
     assert held.lease is not None
-    raw_redis.set(str(cache.client.make_key("corrupt")), b"\xc1\xa9\x01\xe0junk")
+    raw_redis.set(str(cache.client.make_key("corrupt")), b"\xc1\xa9\x02\xe0junk")
 
     fresh = entry("fresh")
     assert fresh["state"] == "fresh"

@@ -95,9 +95,10 @@ async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def stored_meta(cache: ApeeCache, raw_redis: redis.Redis, key: str) -> Meta | None:
-    raw = raw_redis.get(str(cache.client.make_key(key)))
+    made = str(cache.client.make_key(key))
+    raw = raw_redis.get(made)
     assert raw is not None, f"{key} is not in Redis"
-    return cache.envelope.decode(raw).meta
+    return cache.envelope.decode(raw, key=made).meta
 
 
 def run_with_ticker(calls: list[Awaitable[Any]]) -> tuple[list[Any], int]:
@@ -193,7 +194,9 @@ def test_thread_sensitive_thread_stays_free_during_a_lease_wait(make_cache):
             still_waiting = not waiter.done()
         finally:
             # The holder's result lands, as another process would store it.
-            payload = cache.envelope.encode("from the holder", Meta(57_000, 60_000))
+            payload = cache.envelope.encode(
+                "from the holder", Meta(57_000, 60_000), key=held.value_key
+            )
             lease.release(held, payload, 60_000)
         return still_waiting, await asyncio.wait_for(waiter, 10)
 

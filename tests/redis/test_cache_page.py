@@ -203,7 +203,8 @@ def test_cached_page_round_trips_through_apee_cache(page_caches, raw_redis):
     # What Redis holds is ApeeCache's envelope around the response object
     # (signed pickle: msgpack cannot carry an HttpResponse).
     [key] = page_keys(raw_redis)
-    stored = caches[APEE_PAGES].envelope.decode(raw_redis.get(key)).value
+    envelope = caches[APEE_PAGES].envelope
+    stored = envelope.decode(raw_redis.get(key), key=key.decode()).value
     assert isinstance(stored, HttpResponse)
     assert_same_response(stored, fresh)
 

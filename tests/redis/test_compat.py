@@ -831,7 +831,7 @@ def test_construction_never_connects():
     location = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens here
     with configured(location) as cache:
         assert isinstance(cache, ApeeCache)
-        assert cache.envelope.encode("x") != b""
+        assert cache.envelope.encode("x", key=cache.make_key("x")) != b""
         assert cache.client._clients == [None]  # the client exists, unconnected
         started = time.monotonic()
         with pytest.raises(redis.exceptions.ConnectionError):
@@ -954,19 +954,38 @@ def _wrong_version(cache: ApeeCache) -> bytes:
     return MAGIC + bytes((FORMAT_VERSION + 1, 0)) + b"\x91\x01"
 
 
+def _version_1(cache: ApeeCache) -> bytes:
+    # What a reader before format version 2 wrote: an unsigned msgpack "x".
+    return MAGIC + b"\x01\x00" + b"\xa1x"
+
+
+def _encoded(cache: ApeeCache, value: Any, key: str = "bad") -> bytes:
+    encoded = cache.envelope.encode(value, key=cache.make_key(key))
+    assert isinstance(encoded, bytes)
+    return encoded
+
+
 def _truncated_header(cache: ApeeCache) -> bytes:
-    return cache.envelope.encode({"a": 1})[:3]
+    return _encoded(cache, {"a": 1})[:3]
 
 
-def _truncated_signature(cache: ApeeCache) -> bytes:
-    return cache.envelope.encode(HttpResponse(b"x" * 100))[:20]
+def _truncated_mac(cache: ApeeCache) -> bytes:
+    return _encoded(cache, HttpResponse(b"x" * 100))[:12]
 
 
 def _flipped_signed_pickle(cache: ApeeCache) -> bytes:
-    data = bytearray(cache.envelope.encode(HttpResponse(b"x" * 100)))
-    assert data[3] & 0x03 == 1  # really a signed pickle
+    data = bytearray(_encoded(cache, HttpResponse(b"x" * 100)))
+    assert data[3] & 0x03 == 1  # really a pickle
     data[len(data) // 2] ^= 0x01
     return bytes(data)
+
+
+def _unsigned_msgpack(cache: ApeeCache) -> bytes:
+    return MAGIC + bytes((FORMAT_VERSION, 0)) + bytes(16) + b"\xa1x"
+
+
+def _from_another_key(cache: ApeeCache) -> bytes:
+    return _encoded(cache, {"a": 1}, key="other")
 
 
 def _reserved_flags(cache: ApeeCache) -> bytes:
@@ -985,9 +1004,12 @@ def _django_redis_pickle(cache: ApeeCache) -> bytes:
 CORRUPT = {
     "garbage": (_garbage, "foreign"),
     "wrong-version": (_wrong_version, "version"),
+    "version-1": (_version_1, "version"),
     "truncated-header": (_truncated_header, "truncated"),
-    "truncated-signature": (_truncated_signature, "truncated"),
+    "truncated-mac": (_truncated_mac, "truncated"),
     "flipped-signed-pickle": (_flipped_signed_pickle, "signature"),
+    "unsigned-msgpack": (_unsigned_msgpack, "signature"),
+    "from-another-key": (_from_another_key, "signature"),
     "reserved-flags": (_reserved_flags, "corrupt"),
     "django-redis-pickle": (_django_redis_pickle, "foreign"),
 }

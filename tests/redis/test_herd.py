@@ -139,8 +139,9 @@ def test_a_newer_plain_set_wins_over_the_winner(make_cache, raw_redis):
     assert cache.get("page") is None
     # Another process's plain set meanwhile, as lua/set.lua does it: the
     # new value, and the lease revoked.
-    payload = cache.envelope.encode("newer", Meta(hard_ms=10_000))
-    raw_redis.set(made_key(cache, "page"), payload, px=10_000)
+    made = made_key(cache, "page")
+    payload = cache.envelope.encode("newer", Meta(hard_ms=10_000), key=made)
+    raw_redis.set(made, payload, px=10_000)
     raw_redis.delete(lease_key(cache, "page"))
     assert cache.set("page", "winner's", 10) is False
     assert cache.get("page") == "newer"
@@ -306,7 +307,9 @@ def test_a_key_being_computed_by_the_stampede_path_is_waited_for(make_cache, raw
     holder = hold_lease(cache, "k", 5000)  # get_or_set_stampede_safe elsewhere
     reader = Background(lambda: cache.get("k"))
     time.sleep(0.2)
-    payload = cache.envelope.encode("computed", Meta(hard_ms=10_000))
+    payload = cache.envelope.encode(
+        "computed", Meta(hard_ms=10_000), key=holder.value_key
+    )
     assert lease.release(holder, payload, 10_000)
     assert reader.join() == "computed"
 
@@ -320,7 +323,7 @@ def test_a_value_past_its_timeout_being_recomputed_is_waited_for(make_cache, raw
     reader = Background(lambda: cache.get("k"))
     time.sleep(0.2)
     assert reader.returned_at == 0.0
-    payload = cache.envelope.encode("new", Meta(hard_ms=10_000))
+    payload = cache.envelope.encode("new", Meta(hard_ms=10_000), key=holder.value_key)
     assert lease.release(holder, payload, 10_000)
     assert reader.join() == "new"
 

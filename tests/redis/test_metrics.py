@@ -104,7 +104,7 @@ def test_known_sequence_gives_exact_counters_and_histograms(make_cache, raw_redi
     assert cache.get("a") == 1
     assert cache.get("absent") is None
     assert cache.get_many(["a", "absent-too"]) == {"a": 1}
-    raw_redis.set(made(cache, "bad"), b"\xc1\xa9\x01\xe0junk")  # reserved bits
+    raw_redis.set(made(cache, "bad"), b"\xc1\xa9\x02\xe0junk")  # reserved bits
     assert cache.get("bad") is None
 
     # Stampede-safe: a miss (slow compute), then a hit.
@@ -113,12 +113,12 @@ def test_known_sequence_gives_exact_counters_and_histograms(make_cache, raw_redi
     assert cache.get_or_set_stampede_safe("s", slow, 60) == "s"
     # A stale read: served, then refreshed inline.
     stale_meta = Meta(soft_ms=1_000, hard_ms=60_000, grace_ms=0, delta_ms=5, seed=1)
-    payload = cache.envelope.encode("old", stale_meta)
+    payload = cache.envelope.encode("old", stale_meta, key=made(cache, "stale"))
     raw_redis.set(made(cache, "stale"), payload, px=50_000)  # age 10 s > soft
     assert cache.get_or_set_stampede_safe("stale", Compute("new"), 60) == "new"
     # An early refresh: XFetch fires for this seed (rand ~ 1) and delta.
     early_meta = Meta(50_000, 60_000, 0, 10_000, seed=2**32 - 1)
-    payload = cache.envelope.encode("old", early_meta)
+    payload = cache.envelope.encode("old", early_meta, key=made(cache, "early"))
     raw_redis.set(made(cache, "early"), payload, px=60_000)
     assert cache.get_or_set_stampede_safe("early", Compute("new"), 60) == "new"
     # A lease wait: another holder's 300 ms lease runs out, then we compute.

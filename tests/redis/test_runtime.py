@@ -78,17 +78,19 @@ class RawStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self.envelope = Envelope(codec="msgpack", pickle_fallback=False)
+        self.envelope = Envelope(
+            codec="msgpack", pickle_fallback=False, signing_keys=[b"raw-store-key"]
+        )
 
     def connection(self) -> redis.Redis:
         return self.client
 
-    def decode_entry(self, raw: bytes) -> tuple[Any, Meta | None] | None:
-        decoded = self.envelope.decode(raw)
+    def decode_entry(self, made: str, raw: bytes) -> tuple[Any, Meta | None] | None:
+        decoded = self.envelope.decode(raw, key=made)
         return decoded.value, decoded.meta
 
-    def encode_entry(self, value: Any, meta: Meta) -> bytes:
-        encoded = self.envelope.encode(value, meta)
+    def encode_entry(self, made: str, value: Any, meta: Meta) -> bytes:
+        encoded = self.envelope.encode(value, meta, key=made)
         assert isinstance(encoded, bytes)
         return encoded
 

@@ -167,10 +167,11 @@ def lease_key(backend: ApeeCache, key: Any) -> str:
 
 def stored(backend: ApeeCache, raw_redis: redis.Redis, key: Any) -> Any:
     """What Redis holds for ``key``: (value, meta) decoded, or MISSING."""
-    raw = raw_redis.get(made_key(backend, key))
+    made = made_key(backend, key)
+    raw = raw_redis.get(made)
     if raw is None:
         return MISSING
-    decoded = backend.envelope.decode(raw)
+    decoded = backend.envelope.decode(raw, key=made)
     return decoded.value, decoded.meta
 
 
@@ -183,10 +184,9 @@ def write_entry(
     px: int | None = None,
 ) -> None:
     """Write an entry by hand, with crafted meta, as the release script would."""
-    payload = backend.envelope.encode(value, meta)
-    raw_redis.set(
-        made_key(backend, key), payload, px=px or meta.hard_ms + meta.grace_ms
-    )
+    made = made_key(backend, key)
+    payload = backend.envelope.encode(value, meta, key=made)
+    raw_redis.set(made, payload, px=px or meta.hard_ms + meta.grace_ms)
 
 
 def hold_lease(backend: ApeeCache, key: Any, lease_ms: int) -> lease.Lease:
@@ -631,7 +631,9 @@ def test_waiter_wakes_on_release_not_at_lease_expiry(make_cache):
     time.sleep(0.2)  # it is really blocked
     assert call.returned_at == 0.0
 
-    payload = cache.envelope.encode("from holder", Meta(54_000, 60_000, 0, 10))
+    payload = cache.envelope.encode(
+        "from holder", Meta(54_000, 60_000, 0, 10), key=held.value_key
+    )
     released_at = time.monotonic()
     assert lease.release(held, payload, 60_000) is True
     assert call.join(5) == "from holder"
@@ -667,7 +669,9 @@ def test_many_waiters_on_many_keys_share_one_pubsub_connection(make_cache):
         print(f"\n{count} waiters: {len(raw.client_list())} connections in all")
 
         for i, one in enumerate(held):
-            payload = cache.envelope.encode(f"v{i}", Meta(50_000, 60_000, 0, 5))
+            payload = cache.envelope.encode(
+                f"v{i}", Meta(50_000, 60_000, 0, 5), key=one.value_key
+            )
             assert lease.release(one, payload, 60_000) is True
         assert [call.join(5) for call in calls] == [f"v{i}" for i in range(count)]
         assert max(call.elapsed for call in calls) < 3

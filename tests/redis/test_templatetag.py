@@ -128,9 +128,10 @@ def alias(redis_url: str) -> Iterator[Aliases]:
 def stored_meta(raw_redis: redis.Redis, cache_alias: str, key: str) -> Any:
     cache = caches[cache_alias]
     assert isinstance(cache, ApeeCache)
-    raw = raw_redis.get(cache.client.make_key(key))
+    made = cache.client.make_key(key)
+    raw = raw_redis.get(made)
     assert raw is not None
-    return cache.envelope.decode(raw).meta
+    return cache.envelope.decode(raw, key=made).meta
 
 
 def pttl(raw_redis: redis.Redis, cache_alias: str, key: str) -> int:

@@ -64,8 +64,10 @@ def configured(
         yield {alias: caches[alias] for alias in prefixes}
 
 
-def payload(cache: ApeeCache, value: Any) -> bytes:
-    encoded = cache.envelope.encode(value, Meta(54_000, 60_000, 0, 10))
+def payload(cache: ApeeCache, value: Any, key: str = "k") -> bytes:
+    """What a holder stores for ``key``: its envelope is bound to the made key."""
+    made = str(cache.client.make_key(key))
+    encoded = cache.envelope.encode(value, Meta(54_000, 60_000, 0, 10), key=made)
     assert isinstance(encoded, bytes)
     return encoded
 
@@ -261,7 +263,7 @@ def test_every_publishing_script_returns_normally(acl_server, admin):
         cache = made["acl-scripts"]
         client = cache.client
         held = hold_lease(cache, "r", 30_000)
-        assert lease.release(held, payload(cache, "released"), 60_000) is True
+        assert lease.release(held, payload(cache, "released", "r"), 60_000) is True
         assert cache.get("r") == "released"
         hold_lease(cache, "s", 30_000)
         assert client.set(client.make_key("s"), "set") is True

@@ -26,12 +26,14 @@ from tests.support import hostile
 def decode(request: dict[str, Any]) -> dict[str, Any]:
     layers = [(kind, count) for kind, count in request["layers"]]
     envelope = Envelope(
-        pickle_fallback=False, max_decompressed_bytes=request["max_bytes"]
+        pickle_fallback=False,
+        signing_keys=[hostile.SIGNING_KEY],
+        max_decompressed_bytes=request["max_bytes"],
     )
     data = hostile.envelope(hostile.nested(layers))
     report: dict[str, Any] = {"ok": False, "reason": None, "escaped": None}
     try:
-        value = envelope.decode(data).value
+        value = envelope.decode(data, key=hostile.KEY).value
     except DecodeError as error:
         report["reason"] = error.reason
         return report

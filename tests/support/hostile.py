@@ -12,6 +12,8 @@ another checkout of the package.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import random
 import zlib
 from collections.abc import Sequence
@@ -24,8 +26,16 @@ try:
 except ImportError:  # pragma: no cover - depends on the installed extras
     lz4_frame = None
 
-#: The version-1 header's first three bytes (magic, version).
-HEADER = b"\xc1\xa9\x01"
+#: The version-2 header's first three bytes (magic, version).
+HEADER = b"\xc1\xa9\x02"
+#: Every envelope carries a MAC over its Redis key and its bytes
+#: (``core/wire.py``). The envelopes built here get a valid one, under this
+#: MAC key and bound to this Redis key: what they test is what lies past the
+#: MAC, i.e. what a writer holding the key could store. Read them with
+#: ``Envelope(signing_keys=[SIGNING_KEY])`` and ``key=KEY``.
+SIGNING_KEY = b"django-apee-hostile-tests-mac-key"
+KEY = ":1:hostile"
+MAC_LEN = 16
 COMPRESSION_BITS = {"none": 0, "zstd": 1, "lz4": 2, "zlib": 3}
 EXT_CODES = {"tuple": 1, "set": 2, "frozenset": 3}
 PLAIN = ("list", "map")
@@ -41,9 +51,37 @@ NIL = b"\xc0"
 Layers = Sequence[tuple[str, int]]
 
 
-def envelope(payload: bytes, compression: str = "none") -> bytes:
-    """A version-1 msgpack envelope without metadata around ``payload``."""
-    return HEADER + bytes((COMPRESSION_BITS[compression] << 2,)) + payload
+def envelope(
+    payload: bytes,
+    compression: str = "none",
+    *,
+    key: str = KEY,
+    signing_key: bytes = SIGNING_KEY,
+) -> bytes:
+    """A version-2 msgpack envelope without metadata around ``payload``, with
+    the MAC ``signing_key`` gives it for the Redis key ``key``: HMAC-SHA256,
+    cut to 16 bytes, over the key's UTF-8 length (4 bytes, big-endian), the
+    key, the header and the payload."""
+    head = HEADER + bytes((COMPRESSION_BITS[compression] << 2,))
+    return head + _mac(key, signing_key, head, payload) + payload
+
+
+def reseal(data: bytes, key: str = KEY, signing_key: bytes = SIGNING_KEY) -> bytes:
+    """``data`` with the MAC an envelope without metadata carries for ``key``
+    under ``signing_key``: hostile bytes as a writer holding the MAC key would
+    store them under that key, so that what lies past the MAC is what gets
+    tested. Bytes without this format's header, or too short to hold a MAC,
+    are returned as they are."""
+    if not data.startswith(HEADER) or len(data) < len(HEADER) + 1 + MAC_LEN:
+        return data
+    head, payload = data[: len(HEADER) + 1], data[len(HEADER) + 1 + MAC_LEN :]
+    return head + _mac(key, signing_key, head, payload) + payload
+
+
+def _mac(key: str, signing_key: bytes, head: bytes, payload: bytes) -> bytes:
+    bound = key.encode()
+    message = len(bound).to_bytes(4, "big") + bound + head + payload
+    return hmac.new(signing_key, message, hashlib.sha256).digest()[:MAC_LEN]
 
 
 def ext_header(code: int, size: int) -> bytes:

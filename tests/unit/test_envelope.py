@@ -37,6 +37,7 @@ from django_apee.core.envelope import (
     Meta,
     UnserializableValueError,
 )
+from django_apee.core.mac import Macs, bind
 
 try:
     import lz4.frame as lz4_frame
@@ -61,6 +62,8 @@ def _safe_strings() -> Iterator[None]:
 
 KEY = b"current-signing-key-0123456789ab"
 OLD_KEY = b"previous-signing-key-0123456789a"
+#: The Redis key every value here is stored under (the MAC binds it).
+K = ":1:key"
 COMPRESSORS = ["zstd", "lz4", "zlib", "none"]
 COMPRESSION_BITS = {"none": 0, "zstd": 1, "lz4": 2, "zlib": 3}
 REASONS = {
@@ -101,11 +104,26 @@ def stored(encoded: bytes | int) -> bytes:
 
 
 def roundtrip(envelope: Envelope, value: Any, meta: Meta | None = None) -> Decoded:
-    return envelope.decode(stored(envelope.encode(value, meta)))
+    return envelope.decode(stored(envelope.encode(value, meta, key=K)), key=K)
 
 
 def craft(flags: int, body: bytes = b"", version: int = FORMAT_VERSION) -> bytes:
+    """Header and body, no MAC: structure the header check refuses, or a
+    planted value the MAC check refuses."""
     return MAGIC + bytes((version, flags)) + body
+
+
+def seal(head: bytes, payload: bytes, key: str = K, signing_key: bytes = KEY) -> bytes:
+    """``head`` + its MAC for ``key`` + ``payload``: what ``encode`` would write."""
+    return head + Macs([signing_key]).sign(bind(key), head, payload) + payload
+
+
+def sealed(flags: int, payload: bytes = b"", meta: bytes | None = None) -> bytes:
+    """A crafted envelope with a valid MAC, for whatever lies past the MAC."""
+    head = MAGIC + bytes((FORMAT_VERSION, flags))
+    if meta is not None:
+        head += bytes((len(meta),)) + meta
+    return seal(head, payload)
 
 
 def flags_of(data: bytes | int) -> int:
@@ -247,10 +265,10 @@ SUPPORTED_VALUES: list[tuple[str, Any]] = [
 @pytest.mark.parametrize("compressor", ALL_COMPRESSORS)
 def test_supported_values_roundtrip_with_msgpack(value: Any, compressor: str) -> None:
     envelope = make(compressor=compressor, compress_min_bytes=0)
-    encoded = envelope.encode(value)
+    encoded = envelope.encode(value, key=K)
     if isinstance(encoded, bytes):
         assert codec_of(encoded) == 0, "supported types must not need pickle"
-    decoded = envelope.decode(stored(encoded))
+    decoded = envelope.decode(stored(encoded), key=K)
     assert decoded.meta is None
     assert_same(value, decoded.value)
 
@@ -258,7 +276,7 @@ def test_supported_values_roundtrip_with_msgpack(value: Any, compressor: str) ->
 def test_safestring_stays_safe_and_plain_str_stays_plain() -> None:
     envelope = make()
     value = {"fragment": mark_safe("<p>hi</p>"), "text": "<p>hi</p>"}
-    decoded = envelope.decode(stored(envelope.encode(value))).value
+    decoded = envelope.decode(stored(envelope.encode(value, key=K)), key=K).value
     assert type(decoded["fragment"]) is SafeString
     assert isinstance(decoded["fragment"], SafeData)
     assert type(decoded["text"]) is str
@@ -294,8 +312,8 @@ def test_bytearrays_stay_bytearrays_wherever_they_are(value: Any) -> None:
 
 def test_bytes_without_bytearrays_are_untouched() -> None:
     value = {"a": [b"\xc4", (b"x" * 70_000,)], "b": 19.99}
-    encoded = make(compressor="none").encode(value)
-    assert encoded == MAGIC + bytes((FORMAT_VERSION, 0)) + codec.pack(value)
+    encoded = make(compressor="none").encode(value, key=K)
+    assert encoded == seal(MAGIC + bytes((FORMAT_VERSION, 0)), codec.pack(value))
 
 
 def test_tuple_nesting_beyond_the_limit_goes_to_pickle() -> None:
@@ -304,8 +322,8 @@ def test_tuple_nesting_beyond_the_limit_goes_to_pickle() -> None:
     for _ in range(63):
         shallow = (shallow,)
     deep = (shallow,)
-    assert codec_of(envelope.encode(shallow)) == 0
-    assert codec_of(envelope.encode(deep)) == 1
+    assert codec_of(envelope.encode(shallow, key=K)) == 0
+    assert codec_of(envelope.encode(deep, key=K)) == 1
     assert_same(deep, roundtrip(envelope, deep).value)
     assert codec._state.depth == 0
 
@@ -319,7 +337,7 @@ def nested_lists(depth: int) -> Any:
 
 def test_list_nesting_beyond_msgpack_limit_goes_to_pickle() -> None:
     envelope = make()
-    assert codec_of(envelope.encode(nested_lists(1000))) == 0
+    assert codec_of(envelope.encode(nested_lists(1000), key=K)) == 0
     value = nested_lists(1100)  # msgpack stops at 1024 levels
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(10_000)  # pickling and == recurse once per level
@@ -329,18 +347,18 @@ def test_list_nesting_beyond_msgpack_limit_goes_to_pickle() -> None:
         except RecursionError:
             # Python 3.12 bounds C recursion on its own: pickle cannot either.
             with pytest.raises(UnserializableValueError):
-                envelope.encode(value)
+                envelope.encode(value, key=K)
             return
-        encoded = envelope.encode(value)
+        encoded = envelope.encode(value, key=K)
         assert codec_of(encoded) == 1
-        assert envelope.decode(stored(encoded)).value == value
+        assert envelope.decode(stored(encoded), key=K).value == value
     finally:
         sys.setrecursionlimit(limit)
 
 
 def test_too_deep_for_pickle_too_is_unserializable() -> None:
     with pytest.raises(UnserializableValueError) as info:
-        make().encode(nested_lists(50_000))
+        make().encode(nested_lists(50_000), key=K)
     assert isinstance(info.value.__cause__, RecursionError)
 
 
@@ -374,19 +392,19 @@ def test_concurrent_use_from_threads() -> None:
 @pytest.mark.parametrize("value", [0, 1, -1, 42, 2**63 - 1, -(2**63)])
 def test_plain_ints_are_stored_raw(value: int) -> None:
     envelope = make()
-    encoded = envelope.encode(value)
+    encoded = envelope.encode(value, key=K)
     assert type(encoded) is int
     assert encoded == value
-    assert envelope.decode(str(value).encode()) == Decoded(value, None)
+    assert envelope.decode(str(value).encode(), key=K) == Decoded(value, None)
 
 
 @pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 10**100])
 def test_ints_beyond_64_bits_are_enveloped(value: int) -> None:
     envelope = make()
-    encoded = envelope.encode(value)
+    encoded = envelope.encode(value, key=K)
     assert isinstance(encoded, bytes)
     assert encoded.startswith(MAGIC)
-    assert envelope.decode(encoded) == Decoded(value, None)
+    assert envelope.decode(encoded, key=K) == Decoded(value, None)
 
 
 class Colour(enum.IntEnum):
@@ -396,28 +414,28 @@ class Colour(enum.IntEnum):
 def test_bool_and_int_subclasses_are_not_raw() -> None:
     envelope = make()
     for value in (True, False):
-        encoded = envelope.encode(value)
+        encoded = envelope.encode(value, key=K)
         assert isinstance(encoded, bytes)
         assert codec_of(encoded) == 0
-        assert envelope.decode(encoded).value is value
-    encoded = envelope.encode(Colour.RED)
+        assert envelope.decode(encoded, key=K).value is value
+    encoded = envelope.encode(Colour.RED, key=K)
     assert isinstance(encoded, bytes)
     assert codec_of(encoded) == 1
-    assert envelope.decode(encoded).value is Colour.RED
+    assert envelope.decode(encoded, key=K).value is Colour.RED
 
 
 def test_int_with_meta_is_enveloped() -> None:
     envelope = make()
-    encoded = envelope.encode(5, Meta(1, 2, 3, 4))
+    encoded = envelope.encode(5, Meta(1, 2, 3, 4), key=K)
     assert isinstance(encoded, bytes)
-    assert envelope.decode(encoded) == Decoded(5, Meta(1, 2, 3, 4))
+    assert envelope.decode(encoded, key=K) == Decoded(5, Meta(1, 2, 3, 4))
 
 
 @pytest.mark.parametrize(
     "raw", [b"0", b"-0", b"007", b"-9223372036854775808", b"123456789012345678901234"]
 )
 def test_raw_digit_strings_decode_as_ints(raw: bytes) -> None:
-    decoded = make().decode(raw)
+    decoded = make().decode(raw, key=K)
     assert decoded == Decoded(int(raw), None)
     assert type(decoded.value) is int
 
@@ -428,7 +446,7 @@ def test_raw_digit_strings_decode_as_ints(raw: bytes) -> None:
 )
 def test_almost_ints_are_foreign(raw: bytes) -> None:
     with pytest.raises(DecodeError) as info:
-        make().decode(raw)
+        make().decode(raw, key=K)
     assert info.value.reason == "foreign"
 
 
@@ -437,7 +455,7 @@ def test_almost_ints_are_foreign(raw: bytes) -> None:
 )
 def test_raw_int_beyond_the_digit_limit_is_corrupt() -> None:
     with pytest.raises(DecodeError) as info:
-        make().decode(b"1" * (sys.get_int_max_str_digits() + 1))
+        make().decode(b"1" * (sys.get_int_max_str_digits() + 1), key=K)
     assert info.value.reason == "corrupt"
 
 
@@ -458,10 +476,10 @@ def test_raw_int_beyond_the_digit_limit_is_corrupt() -> None:
 @pytest.mark.parametrize("value", ["text", {"a": (1,)}, None])
 def test_meta_roundtrip(meta: Meta, value: Any) -> None:
     envelope = make()
-    encoded = envelope.encode(value, meta)
+    encoded = envelope.encode(value, meta, key=K)
     assert isinstance(encoded, bytes)
     assert flags_of(encoded) & 0x10
-    decoded = envelope.decode(encoded)
+    decoded = envelope.decode(encoded, key=K)
     assert decoded.meta == meta
     assert type(decoded.meta) is Meta
     assert_same(value, decoded.value)
@@ -470,10 +488,10 @@ def test_meta_roundtrip(meta: Meta, value: Any) -> None:
 def test_meta_roundtrip_with_pickle_and_compression() -> None:
     envelope = make(compress_min_bytes=0)
     value = OrderedDict(a="x" * 5000)
-    encoded = envelope.encode(value, Meta(5, 6, 7, 8))
+    encoded = envelope.encode(value, Meta(5, 6, 7, 8), key=K)
     assert codec_of(encoded) == 1
     assert compression_of(encoded) == 1
-    assert envelope.decode(encoded) == Decoded(value, Meta(5, 6, 7, 8))
+    assert envelope.decode(encoded, key=K) == Decoded(value, Meta(5, 6, 7, 8))
 
 
 @pytest.mark.parametrize(
@@ -482,22 +500,24 @@ def test_meta_roundtrip_with_pickle_and_compression() -> None:
 )
 def test_invalid_meta_is_refused(meta: Meta) -> None:
     with pytest.raises(ValueError, match="meta"):
-        make().encode("x", meta)
+        make().encode("x", meta, key=K)
 
 
 def with_meta(meta_bytes: bytes, payload: bytes = b"\xa1x") -> bytes:
-    return craft(0x10, bytes((len(meta_bytes),)) + meta_bytes + payload)
+    return sealed(0x10, payload, meta=meta_bytes)
 
 
 def test_meta_extra_trailing_fields_are_ignored() -> None:
     data = with_meta(msgpack.packb([1, 2, 3, 4, 5, "future", [6]]))
-    assert make().decode(data) == Decoded("x", Meta(1, 2, 3, 4, 5))
+    assert make().decode(data, key=K) == Decoded("x", Meta(1, 2, 3, 4, 5))
 
 
 def test_meta_missing_fields_default_to_zero() -> None:
-    assert make().decode(with_meta(msgpack.packb([7, 8]))) == Decoded("x", Meta(7, 8))
-    assert make().decode(with_meta(msgpack.packb([]))) == Decoded("x", Meta())
-    assert make().decode(with_meta(b"")) == Decoded("x", Meta())
+    assert make().decode(with_meta(msgpack.packb([7, 8])), key=K) == Decoded(
+        "x", Meta(7, 8)
+    )
+    assert make().decode(with_meta(msgpack.packb([])), key=K) == Decoded("x", Meta())
+    assert make().decode(with_meta(b""), key=K) == Decoded("x", Meta())
 
 
 @pytest.mark.parametrize(
@@ -514,7 +534,7 @@ def test_meta_missing_fields_default_to_zero() -> None:
 )
 def test_bad_meta_is_corrupt(meta_bytes: bytes) -> None:
     with pytest.raises(DecodeError) as info:
-        make().decode(with_meta(meta_bytes))
+        make().decode(with_meta(meta_bytes), key=K)
     assert info.value.reason in {"corrupt", "truncated"}
 
 
@@ -527,11 +547,11 @@ def test_bad_meta_is_corrupt(meta_bytes: bytes) -> None:
 def test_compression_bits_follow_the_compressor(compressor: str) -> None:
     envelope = make(compressor=compressor)
     value = "compressible " * 500
-    encoded = envelope.encode(value)
+    encoded = envelope.encode(value, key=K)
     assert compression_of(encoded) == COMPRESSION_BITS[compressor]
     if compressor != "none":
         assert len(encoded) < len(value)
-    assert envelope.decode(encoded).value == value
+    assert envelope.decode(encoded, key=K).value == value
 
 
 @pytest.mark.parametrize("compressor", ["zstd", compressor_param("lz4"), "zlib"])
@@ -539,9 +559,12 @@ def test_compression_threshold(compressor: str) -> None:
     value = b"a" * 1000  # msgpack bin16: 3 header bytes + 1000
     at_threshold = make(compressor=compressor, compress_min_bytes=1003)
     above_threshold = make(compressor=compressor, compress_min_bytes=1004)
-    assert compression_of(at_threshold.encode(value)) == COMPRESSION_BITS[compressor]
-    assert compression_of(above_threshold.encode(value)) == 0
-    assert compression_of(make(compressor=compressor).encode(b"a" * 100)) == 0
+    assert (
+        compression_of(at_threshold.encode(value, key=K))
+        == COMPRESSION_BITS[compressor]
+    )
+    assert compression_of(above_threshold.encode(value, key=K)) == 0
+    assert compression_of(make(compressor=compressor).encode(b"a" * 100, key=K)) == 0
 
 
 @pytest.mark.parametrize("compressor", ["zstd", compressor_param("lz4"), "zlib"])
@@ -549,18 +572,18 @@ def test_compression_is_kept_only_when_smaller(compressor: str) -> None:
     envelope = make(compressor=compressor, compress_min_bytes=0)
     noise = random.Random(7).randbytes(4096)
     for value in (noise, b"ab", "x"):
-        encoded = envelope.encode(value)
+        encoded = envelope.encode(value, key=K)
         assert compression_of(encoded) == 0
-        assert envelope.decode(encoded).value == value
+        assert envelope.decode(encoded, key=K).value == value
 
 
 @pytest.mark.parametrize("writer", ALL_COMPRESSORS)
 @pytest.mark.parametrize("reader", ALL_COMPRESSORS)
 def test_readers_follow_the_header_not_their_config(writer: str, reader: str) -> None:
     value = {"rows": [(i, f"row {i}", Decimal(i) / 4) for i in range(200)]}
-    encoded = make(compressor=writer, compress_min_bytes=0).encode(value)
+    encoded = make(compressor=writer, compress_min_bytes=0).encode(value, key=K)
     assert compression_of(encoded) == COMPRESSION_BITS[writer]
-    assert_same(value, make(compressor=reader).decode(encoded).value)
+    assert_same(value, make(compressor=reader).decode(encoded, key=K).value)
 
 
 @pytest.mark.parametrize(
@@ -582,11 +605,13 @@ def test_invalid_compress_level_is_a_value_error() -> None:
 def test_decompressed_size_limit_is_inclusive(compressor: str) -> None:
     value = b"\x00" * 200_000
     payload_size = len(msgpack.packb(value))
-    encoded = make(compressor=compressor, compress_min_bytes=0).encode(value)
+    encoded = make(compressor=compressor, compress_min_bytes=0).encode(value, key=K)
     assert compression_of(encoded) == COMPRESSION_BITS[compressor]
-    assert make(max_decompressed_bytes=payload_size).decode(encoded).value == value
+    assert (
+        make(max_decompressed_bytes=payload_size).decode(encoded, key=K).value == value
+    )
     with pytest.raises(DecodeError) as info:
-        make(max_decompressed_bytes=payload_size - 1).decode(encoded)
+        make(max_decompressed_bytes=payload_size - 1).decode(encoded, key=K)
     assert info.value.reason == "too_large"
 
 
@@ -594,29 +619,29 @@ def test_zstd_frame_without_content_size_respects_the_limit() -> None:
     payload = msgpack.packb(b"\x00" * 200_000)
     frame = zstandard.ZstdCompressor(write_content_size=False).compress(payload)
     assert zstandard.frame_content_size(frame) == -1
-    data = craft(0x04, frame)
-    assert make(max_decompressed_bytes=len(payload)).decode(data).value == (
+    data = sealed(0x04, frame)
+    assert make(max_decompressed_bytes=len(payload)).decode(data, key=K).value == (
         b"\x00" * 200_000
     )
     with pytest.raises(DecodeError) as info:
-        make(max_decompressed_bytes=len(payload) - 1).decode(data)
+        make(max_decompressed_bytes=len(payload) - 1).decode(data, key=K)
     assert info.value.reason == "too_large"
     with pytest.raises(DecodeError) as info:
-        make().decode(craft(0x04, frame[:-3]))
+        make().decode(sealed(0x04, frame[:-3]), key=K)
     assert info.value.reason == "compression"
 
 
 def test_lz4_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     encoded = (
-        make(compressor="lz4", compress_min_bytes=0).encode("lz4 " * 100)
+        make(compressor="lz4", compress_min_bytes=0).encode("lz4 " * 100, key=K)
         if lz4_frame is not None
-        else craft(0x08, b"\x04\x22\x4d\x18")
+        else sealed(0x08, b"\x04\x22\x4d\x18")
     )
     monkeypatch.setattr(compression, "_lz4_frame", None)
     with pytest.raises(ValueError, match=r"pip install django-apee\[lz4\]"):
         make(compressor="lz4")
     with pytest.raises(DecodeError) as info:
-        make().decode(encoded)
+        make().decode(encoded, key=K)
     assert info.value.reason == "codec_unavailable"
 
 
@@ -692,9 +717,9 @@ PICKLED_VALUES: list[tuple[str, Any]] = [
 )
 def test_unsupported_values_fall_back_to_signed_pickle(value: Any) -> None:
     envelope = make()
-    encoded = envelope.encode(value)
+    encoded = envelope.encode(value, key=K)
     assert codec_of(encoded) == 1
-    decoded = envelope.decode(encoded).value
+    decoded = envelope.decode(encoded, key=K).value
     assert type(decoded) is type(value)
     # ZoneInfo.no_cache() instances only equal themselves; their repr is exact.
     assert decoded == value or repr(decoded) == repr(value)
@@ -738,7 +763,7 @@ def tampered(data: bytes, index: int, mask: int) -> bytes:
 )
 def test_tampered_pickles_are_never_unpickled(meta: Meta | None, padding: str) -> None:
     envelope = make(compress_min_bytes=64)
-    encoded = envelope.encode(Evil(padding), meta)
+    encoded = envelope.encode(Evil(padding), meta, key=K)
     assert isinstance(encoded, bytes)
     assert codec_of(encoded) == 1
     assert compression_of(encoded) == (1 if padding else 0)
@@ -747,7 +772,7 @@ def test_tampered_pickles_are_never_unpickled(meta: Meta | None, padding: str) -
     for index in range(len(encoded)):
         for mask in (0x01, 0x02, 0x04, 0x10, 0x20, 0x80, 0xFF):
             with pytest.raises(DecodeError) as info:
-                envelope.decode(tampered(encoded, index, mask))
+                envelope.decode(tampered(encoded, index, mask), key=K)
             reason = info.value.reason
             if index >= header_len:  # signature, meta content or payload
                 assert reason == "signature", (index, mask, reason)
@@ -757,14 +782,14 @@ def test_tampered_pickles_are_never_unpickled(meta: Meta | None, padding: str) -
                 assert reason in REASONS, reason
     for cut in range(len(encoded)):
         with pytest.raises(DecodeError) as info:
-            envelope.decode(encoded[:cut])
+            envelope.decode(encoded[:cut], key=K)
         assert info.value.reason in {"foreign", "truncated", "signature"}
     with pytest.raises(DecodeError) as info:
-        envelope.decode(encoded + b"\x00")
+        envelope.decode(encoded + b"\x00", key=K)
     assert info.value.reason == "signature"
     assert UNPICKLED == []
     # The untouched value is the one that does get unpickled.
-    envelope.decode(encoded)
+    envelope.decode(encoded, key=K)
     assert UNPICKLED == ["evil"]
     UNPICKLED.clear()
 
@@ -781,15 +806,15 @@ def test_signature_is_checked_with_compare_digest(
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
     envelope = make()
-    envelope.decode(envelope.encode(Point(1, 2)))
-    assert calls == [32]
+    envelope.decode(envelope.encode(Point(1, 2), key=K), key=K)
+    assert calls == [16]
 
 
 def test_wrong_key_is_a_signature_failure() -> None:
-    encoded = make(signing_keys=[OLD_KEY]).encode(Evil())
+    encoded = make(signing_keys=[OLD_KEY]).encode(Evil(), key=K)
     UNPICKLED.clear()
     with pytest.raises(DecodeError) as info:
-        make(signing_keys=[KEY]).decode(encoded)
+        make(signing_keys=[KEY]).decode(encoded, key=K)
     assert info.value.reason == "signature"
     assert UNPICKLED == []
 
@@ -798,21 +823,24 @@ def test_key_rotation() -> None:
     old_writer = make(signing_keys=[OLD_KEY])
     rotated = make(signing_keys=[KEY, OLD_KEY])
     value = Point(3, 4)
-    from_old = old_writer.encode(value)
-    assert rotated.decode(from_old).value == value
-    from_new = rotated.encode(value)
-    assert make(signing_keys=[KEY]).decode(from_new).value == value
+    from_old = old_writer.encode(value, key=K)
+    assert rotated.decode(from_old, key=K).value == value
+    from_new = rotated.encode(value, key=K)
+    assert make(signing_keys=[KEY]).decode(from_new, key=K).value == value
     with pytest.raises(DecodeError) as info:
-        old_writer.decode(from_new)
+        old_writer.decode(from_new, key=K)
     assert info.value.reason == "signature"
 
 
 def test_a_reader_without_pickle_unpickles_nothing() -> None:
-    encoded = make().encode(Evil())
+    encoded = make().encode(Evil(), key=K)
     UNPICKLED.clear()
-    for reader in (Envelope(pickle_fallback=False), make(pickle_fallback=False)):
+    for reader in (
+        Envelope(pickle_fallback=False, signing_keys=[KEY]),
+        make(pickle_fallback=False),
+    ):
         with pytest.raises(DecodeError) as info:
-            reader.decode(encoded)
+            reader.decode(encoded, key=K)
         assert info.value.reason == "codec_unavailable"
     assert UNPICKLED == []
 
@@ -822,9 +850,9 @@ def test_a_reader_without_pickle_unpickles_nothing() -> None:
     [Point(1, 2), [1, {"a": OrderedDict()}], Colour.RED, Label("x"), "\udfff"],
 )
 def test_pickle_off_raises_unserializable(value: Any) -> None:
-    envelope = Envelope(pickle_fallback=False)
+    envelope = make(pickle_fallback=False)
     with pytest.raises(UnserializableValueError) as info:
-        envelope.encode(value)
+        envelope.encode(value, key=K)
     error = info.value
     assert isinstance(error, TypeError)
     assert isinstance(error, pickle.PickleError)
@@ -834,18 +862,21 @@ def test_pickle_off_raises_unserializable(value: Any) -> None:
     assert error.__cause__ is not None
     assert codec._state.depth == 0
     # The envelope is still usable afterwards.
-    assert envelope.decode(envelope.encode(((1,), {2}))).value == ((1,), {2})
+    assert envelope.decode(envelope.encode(((1,), {2}), key=K), key=K).value == (
+        (1,),
+        {2},
+    )
 
 
 def test_pickle_off_names_the_nested_culprit() -> None:
     with pytest.raises(UnserializableValueError, match="Point"):
-        Envelope(pickle_fallback=False).encode({"a": [Point(1, 2)]})
+        make(pickle_fallback=False).encode({"a": [Point(1, 2)]}, key=K)
 
 
 def test_unpicklable_values_raise_unserializable_with_the_cause() -> None:
     lock = threading.Lock()
     with pytest.raises(UnserializableValueError) as info:
-        make().encode({"lock": lock})
+        make().encode({"lock": lock}, key=K)
     assert isinstance(info.value, TypeError)
     assert isinstance(info.value, pickle.PickleError)
     assert info.value.__cause__ is not None
@@ -876,10 +907,14 @@ def test_invalid_options(options: dict[str, Any], match: str) -> None:
         Envelope(**options)
 
 
-def test_pickle_off_needs_no_key() -> None:
-    envelope = Envelope(pickle_fallback=False)
-    assert envelope.decode(envelope.encode("x")).value == "x"
+def test_every_envelope_needs_a_key_pickle_or_not() -> None:
+    for options in ({}, {"pickle_fallback": False}, {"codec": "pickle"}):
+        with pytest.raises(ValueError, match="signing key"):
+            Envelope(**options)  # type: ignore[arg-type]
+    envelope = make(pickle_fallback=False)
+    assert envelope.decode(envelope.encode("x", key=K), key=K).value == "x"
     assert "KEY" not in repr(make())
+    assert "current-signing" not in repr(make())
 
 
 # --------------------------------------------------------------------------
@@ -887,17 +922,19 @@ def test_pickle_off_needs_no_key() -> None:
 # --------------------------------------------------------------------------
 
 
-def _signed(envelope: Envelope, prefix: bytes, payload: bytes) -> bytes:
-    return prefix + envelope._sign(prefix, payload) + payload
-
-
 def _ext(code: int, data: bytes) -> bytes:
-    return craft(0x00, msgpack.packb(msgpack.ExtType(code, data)))
+    return sealed(0x00, msgpack.packb(msgpack.ExtType(code, data)))
 
 
 def _pickle_with_broken_zstd() -> bytes:
-    prefix = craft(0x01 | 0x04)
-    return _signed(make(), prefix, b"\x28\xb5\x2f\xfd" + b"not zstd at all")
+    return sealed(0x01 | 0x04, b"\x28\xb5\x2f\xfd" + b"not zstd at all")
+
+
+def _version_1_signed_pickle() -> bytes:
+    # What version 1 wrote for a pickle: a 32-byte HMAC-SHA256, no key bound.
+    head = MAGIC + b"\x01\x01"
+    payload = pickle.dumps("x")
+    return head + hmac.new(KEY, head + payload, "sha256").digest() + payload
 
 
 BIG = b"\x00" * (2 * 1024 * 1024)
@@ -910,21 +947,24 @@ CRAFTED: list[tuple[str, str, bytes]] = [
     ("foreign", "half-magic", b"\xc1"),
     ("foreign", "spaced-int", b" 42"),
     ("version", "v0", craft(0x00, b"\xa1x", version=0)),
-    ("version", "v2", craft(0x00, b"\xa1x", version=2)),
-    ("version", "v2-short", MAGIC + b"\x02"),
+    ("version", "v1-msgpack", craft(0x00, b"\xa1x", version=1)),
+    ("version", "v1-signed-pickle", _version_1_signed_pickle()),
+    ("version", "v3", craft(0x00, bytes(16) + b"\xa1x", version=3)),
+    ("version", "v3-short", MAGIC + b"\x03"),
     ("truncated", "magic-only", MAGIC),
-    ("truncated", "no-flags", MAGIC + b"\x01"),
-    ("truncated", "no-payload", craft(0x00)),
+    ("truncated", "no-flags", MAGIC + bytes((FORMAT_VERSION,))),
+    ("truncated", "no-mac", craft(0x00)),
     ("truncated", "no-meta-length", craft(0x10)),
     ("truncated", "short-meta", craft(0x10, b"\x05\x94\x01")),
-    ("truncated", "short-signature", craft(0x01, b"\x00" * 31)),
+    ("truncated", "short-mac", craft(0x01, b"\x00" * 15)),
+    ("truncated", "no-payload", sealed(0x00)),
     ("corrupt", "reserved-bit-5", craft(0x20, b"\xa1x")),
     ("corrupt", "reserved-bit-7", craft(0x80, b"\xa1x")),
-    ("corrupt", "never-used-byte", craft(0x00, b"\xc1")),
-    ("corrupt", "incomplete-msgpack", craft(0x00, b"\x92\x01")),
-    ("corrupt", "trailing-msgpack", craft(0x00, b"\x01\x02")),
+    ("corrupt", "never-used-byte", sealed(0x00, b"\xc1")),
+    ("corrupt", "incomplete-msgpack", sealed(0x00, b"\x92\x01")),
+    ("corrupt", "trailing-msgpack", sealed(0x00, b"\x01\x02")),
     ("corrupt", "unknown-ext", _ext(99, b"")),
-    ("corrupt", "timestamp-ext-bad-length", craft(0x00, b"\xd4\xff\x00")),
+    ("corrupt", "timestamp-ext-bad-length", sealed(0x00, b"\xd4\xff\x00")),
     ("corrupt", "bad-datetime", _ext(4, bytes(12))),
     ("corrupt", "short-date", _ext(6, b"\x07")),
     ("corrupt", "bad-fold", _ext(7, b"\x01\x02\x03\x00\x00\x00\x00\x02")),
@@ -943,22 +983,31 @@ CRAFTED: list[tuple[str, str, bytes]] = [
     ),
     ("corrupt", "bad-zone-key", _ext(5, NOON + b"\x02../etc")),
     ("corrupt", "meta-not-array", with_meta(msgpack.packb("meta"))),
+    ("corrupt", "pickle-garbage-but-signed", sealed(0x01, b"\x80\x05junk")),
+    ("signature", "garbage-mac", craft(0x01, b"\x00" * 16 + pickle.dumps("x"))),
+    ("signature", "unsigned-msgpack", craft(0x00, b"\x00" * 16 + b"\xa1x")),
     (
-        "corrupt",
-        "pickle-garbage-but-signed",
-        _signed(make(), craft(0x01), b"\x80\x05junk"),
+        "signature",
+        "unsigned-safestring",
+        craft(0x00, b"\x00" * 16 + msgpack.packb(msgpack.ExtType(12, b"<script>"))),
     ),
-    ("signature", "garbage-signature", craft(0x01, b"\x00" * 32 + pickle.dumps("x"))),
-    ("compression", "zstd-garbage", craft(0x04, b"definitely not zstd")),
-    ("compression", "zstd-trailing", craft(0x04, zstandard.compress(b"\xa1x") + b"!")),
-    ("compression", "zlib-garbage", craft(0x0C, b"definitely not zlib")),
+    ("signature", "another-redis-key", seal(craft(0x00), b"\xa1x", key=":1:other")),
+    ("signature", "another-secret", seal(craft(0x00), b"\xa1x", signing_key=OLD_KEY)),
+    ("signature", "member-as-value", seal(craft(0x00), b"\xa1x", key="")),
+    ("compression", "zstd-garbage", sealed(0x04, b"definitely not zstd")),
+    (
+        "compression",
+        "zstd-trailing",
+        sealed(0x04, zstandard.compress(b"\xa1x") + b"!"),
+    ),
+    ("compression", "zlib-garbage", sealed(0x0C, b"definitely not zlib")),
     (
         "compression",
         "zlib-truncated",
-        craft(0x0C, zlib.compress(msgpack.packb("x" * 99))[:-4]),
+        sealed(0x0C, zlib.compress(msgpack.packb("x" * 99))[:-4]),
     ),
-    ("compression", "zlib-trailing", craft(0x0C, zlib.compress(b"\xa1x") + b"!")),
-    ("compression", "lz4-garbage", craft(0x08, b"definitely not lz4")),
+    ("compression", "zlib-trailing", sealed(0x0C, zlib.compress(b"\xa1x") + b"!")),
+    ("compression", "lz4-garbage", sealed(0x08, b"definitely not lz4")),
     ("compression", "signed-pickle-broken-zstd", _pickle_with_broken_zstd()),
     ("codec_unavailable", "codec-2", craft(0x02, b"\xa1x")),
     ("codec_unavailable", "codec-3", craft(0x03, b"\xa1x")),
@@ -967,22 +1016,22 @@ CRAFTED: list[tuple[str, str, bytes]] = [
         "unknown-zone",
         _ext(5, NOON + b"\x02Atlantis/Capital"),
     ),
-    ("too_large", "zstd", craft(0x04, zstandard.compress(BIG))),
-    ("too_large", "zlib", craft(0x0C, zlib.compress(BIG))),
+    ("too_large", "zstd", sealed(0x04, zstandard.compress(BIG))),
+    ("too_large", "zlib", sealed(0x0C, zlib.compress(BIG))),
 ]
 if lz4_frame is not None:
     CRAFTED += [
         (
             "compression",
             "lz4-truncated",
-            craft(0x08, lz4_frame.compress(b"\xa1x" * 50)[:-3]),
+            sealed(0x08, lz4_frame.compress(b"\xa1x" * 50)[:-3]),
         ),
         (
             "compression",
             "lz4-trailing",
-            craft(0x08, lz4_frame.compress(b"\xa1x") + b"!"),
+            sealed(0x08, lz4_frame.compress(b"\xa1x") + b"!"),
         ),
-        ("too_large", "lz4", craft(0x08, lz4_frame.compress(BIG))),
+        ("too_large", "lz4", sealed(0x08, lz4_frame.compress(BIG))),
     ]
 
 
@@ -995,7 +1044,7 @@ if lz4_frame is not None:
 )
 def test_every_reason_is_reachable(reason: str, data: bytes) -> None:
     with pytest.raises(DecodeError) as info:
-        make(max_decompressed_bytes=1024 * 1024).decode(data)
+        make(max_decompressed_bytes=1024 * 1024).decode(data, key=K)
     assert info.value.reason == reason, str(info.value)
     assert str(info.value)
 
@@ -1013,13 +1062,13 @@ def test_decode_error_is_picklable_and_readable() -> None:
 
 def test_decode_accepts_bytes_likes_and_rejects_the_rest() -> None:
     envelope = make()
-    encoded = envelope.encode(("x",))
+    encoded = envelope.encode(("x",), key=K)
     assert isinstance(encoded, bytes)
-    assert envelope.decode(bytearray(encoded)).value == ("x",)
-    assert envelope.decode(memoryview(encoded)).value == ("x",)  # type: ignore[arg-type]
+    assert envelope.decode(bytearray(encoded), key=K).value == ("x",)
+    assert envelope.decode(memoryview(encoded), key=K).value == ("x",)  # type: ignore[arg-type]
     for junk in ("text", None, 42):
         with pytest.raises(DecodeError):
-            envelope.decode(junk)  # type: ignore[arg-type]
+            envelope.decode(junk, key=K)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------
@@ -1112,10 +1161,10 @@ def test_property_roundtrip(
     value: Any, compressor: str, threshold: int, meta: Meta | None
 ) -> None:
     envelope = make(compressor=compressor, compress_min_bytes=threshold)
-    encoded = envelope.encode(value, meta)
+    encoded = envelope.encode(value, meta, key=K)
     if isinstance(encoded, bytes):
         assert codec_of(encoded) == 0, "supported types must stay msgpack"
-    decoded = envelope.decode(stored(encoded))
+    decoded = envelope.decode(stored(encoded), key=K)
     assert decoded.meta == meta
     assert_same(value, decoded.value)
 
@@ -1134,7 +1183,7 @@ def _decode_or_decode_error(envelope: Envelope, data: bytes) -> None:
     """
     reason = None
     try:
-        envelope.decode(data)
+        envelope.decode(data, key=K)
     except DecodeError as error:
         reason = error.reason
     assert reason is None or reason in REASONS
@@ -1160,8 +1209,8 @@ def test_fuzz_decode_raises_only_decode_error(
     _decode_or_decode_error(envelope, MAGIC + noise)
     _decode_or_decode_error(envelope, MAGIC + bytes((FORMAT_VERSION,)) + noise)
 
-    encoded = stored(envelope.encode(value, meta))
-    decoded = envelope.decode(encoded)
+    encoded = stored(envelope.encode(value, meta, key=K))
+    decoded = envelope.decode(encoded, key=K)
     assert decoded.meta == meta
     if isinstance(value, (Point, Pair, OrderedDict)):
         assert decoded.value == value

@@ -1,10 +1,12 @@
 """The core's public pieces around the envelope: the description of stored
-bytes, the signing-key derivation, and the SafeString hand-in.
+bytes, the MAC-key derivation, and the SafeString hand-in.
 
 Pure: no Redis, no Django settings.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import msgpack
 import pytest
@@ -12,6 +14,7 @@ from django.utils.safestring import SafeString
 
 from django_apee.core.codec import register_safe_string
 from django_apee.core.envelope import DecodeError, Envelope, derive_signing_keys
+from django_apee.core.mac import Macs, bind
 from django_apee.core.wire import (
     CODEC_NAMES,
     CODECS,
@@ -19,6 +22,7 @@ from django_apee.core.wire import (
     COMPRESSIONS,
     FORMAT_VERSION,
     HEADER_PEEK_BYTES,
+    MAC_LEN,
     MAGIC,
     MAX_META_LEN,
     Header,
@@ -28,6 +32,8 @@ from django_apee.core.wire import (
 )
 
 KEY = b"current-signing-key-0123456789ab"
+#: The Redis key the values here are stored under.
+K = ":1:wire"
 META = Meta(soft_ms=1000, hard_ms=5000, grace_ms=300, delta_ms=20, seed=7)
 
 
@@ -54,7 +60,7 @@ def test_describe_says_what_was_written(
     envelope = Envelope(
         codec=codec, compressor=compressor, compress_min_bytes=0, signing_keys=[KEY]
     )
-    data = envelope.encode({"rows": ["x" * 40] * 20}, meta)
+    data = envelope.encode({"rows": ["x" * 40] * 20}, meta, key=K)
     assert isinstance(data, bytes)
     header = describe(data)
     assert header is not None
@@ -63,15 +69,15 @@ def test_describe_says_what_was_written(
     assert header.compression == compressor
     assert header.meta == meta
     assert header.has_meta is (meta is not None)
-    assert header.signed is (codec == "pickle")
+    assert header.signed is True  # every codec: the MAC is the format's
     meta_end = 4 if meta is None else 5 + data[4]
-    assert header.header_len == meta_end + (32 if codec == "pickle" else 0)
+    assert header.header_len == meta_end + MAC_LEN == meta_end + 16
     assert header.payload_len == len(data) - header.header_len
 
 
 def test_describe_reads_a_header_peek() -> None:
     envelope = Envelope(codec="pickle", signing_keys=[KEY])
-    data = envelope.encode("v" * 100_000, META)
+    data = envelope.encode("v" * 100_000, META, key=K)
     assert isinstance(data, bytes)
     whole, peeked = describe(data), describe(data[:HEADER_PEEK_BYTES])
     assert whole is not None
@@ -86,12 +92,14 @@ def test_the_longest_metadata_fits_in_a_peek() -> None:
     meta = msgpack.packb([1, 2, 3, 4, 5] + [0] * 247)
     assert len(meta) == MAX_META_LEN
     payload = msgpack.packb("x" * 2000)
-    data = MAGIC + bytes((FORMAT_VERSION, 0x10, len(meta))) + meta + payload
-    assert Envelope(pickle_fallback=False).decode(data).meta == Meta(1, 2, 3, 4, 5)
+    head = MAGIC + bytes((FORMAT_VERSION, 0x10, len(meta))) + meta
+    data = head + Macs([KEY]).sign(bind(K), head, payload) + payload
+    reader = Envelope(pickle_fallback=False, signing_keys=[KEY])
+    assert reader.decode(data, key=K).meta == Meta(1, 2, 3, 4, 5)
     header = describe(data[:HEADER_PEEK_BYTES])
     assert header is not None
     assert header.meta == Meta(1, 2, 3, 4, 5)
-    assert header.header_len == 4 + 1 + MAX_META_LEN
+    assert header.header_len == 4 + 1 + MAX_META_LEN + MAC_LEN
     assert peek_meta(data[:HEADER_PEEK_BYTES]) == Meta(1, 2, 3, 4, 5)
     assert describe(data[: 4 + 1 + MAX_META_LEN - 1]) is None
 
@@ -104,14 +112,16 @@ def test_the_longest_metadata_fits_in_a_peek() -> None:
         b"-7",
         b"hello",
         MAGIC,
-        MAGIC + b"\x02\x00\xa1x",  # another format version
-        MAGIC + b"\x01",  # cut inside the header
-        MAGIC + b"\x01\x20\xa1x",  # reserved flag bit
-        MAGIC + b"\x01\x02\xa1x",  # reserved codec
-        MAGIC + b"\x01\x10",  # metadata length missing
-        MAGIC + b"\x01\x10\x05\x95",  # metadata cut off
-        MAGIC + b"\x01\x10\x01\xc1",  # metadata not msgpack
-        MAGIC + b"\x01\x10\x01\xa1",  # metadata not an array
+        MAGIC + b"\x03\x00" + bytes(16) + b"\xa1x",  # a later format version
+        MAGIC + b"\x01\x00\xa1x",  # version 1, before every value had a MAC
+        MAGIC + b"\x01\x10\x01\x90\xa1x",  # version 1 with metadata
+        MAGIC + b"\x02",  # cut inside the header
+        MAGIC + b"\x02\x20" + bytes(16) + b"\xa1x",  # reserved flag bit
+        MAGIC + b"\x02\x02" + bytes(16) + b"\xa1x",  # reserved codec
+        MAGIC + b"\x02\x10",  # metadata length missing
+        MAGIC + b"\x02\x10\x05\x95",  # metadata cut off
+        MAGIC + b"\x02\x10\x01\xc1",  # metadata not msgpack
+        MAGIC + b"\x02\x10\x01\xa1",  # metadata not an array
     ],
 )
 def test_describe_returns_none_for_what_it_cannot_read(data: bytes) -> None:
@@ -124,7 +134,8 @@ def test_describe_never_raises(data: object) -> None:
 
 
 def test_describe_takes_other_bytes_like_objects() -> None:
-    data = Envelope(pickle_fallback=False).encode("value", META)
+    envelope = Envelope(pickle_fallback=False, signing_keys=[KEY])
+    data = envelope.encode("value", META, key=K)
     assert isinstance(data, bytes)
     expected = describe(data)
     assert expected == Header(
@@ -132,26 +143,35 @@ def test_describe_takes_other_bytes_like_objects() -> None:
         codec="msgpack",
         compression="none",
         meta=META,
-        header_len=5 + data[4],
-        payload_len=len(data) - 5 - data[4],
+        header_len=5 + data[4] + MAC_LEN,
+        payload_len=len(data) - 5 - data[4] - MAC_LEN,
     )
     assert describe(bytearray(data)) == expected
     assert describe(memoryview(data)) == expected
 
 
-def test_signing_keys_are_derived_as_they_always_were() -> None:
-    # Values in Redis are signed with these keys: they must never change.
+def test_mac_keys_are_derived_as_they_always_were() -> None:
+    # Values in Redis carry MACs under these keys: they must never change
+    # (within format version 2).
     assert [key.hex() for key in derive_signing_keys(["secret", "", "old-secret"])] == [
-        "79e7685ca7f8f0d016d0bf5a81401efe099e6a0009a730cd1c5645de7129364c",
-        "03eafaadcf82f565fadb474899e5e8978b45acb6a9b4d21ec09adfc9066a14ad",
+        "804a69da6ba9a8f1cfda69674f2e2cbc31ba85b42c5a5cd9794fafef5c0c931f",
+        "98a5cc6bdd536d5ed915fcf658acccd9de5d71ea70a5230a61ec2fb2e359561e",
     ]
     assert derive_signing_keys([]) == []
 
 
+def test_mac_keys_have_their_own_purpose() -> None:
+    # Not the version-1 pickle-signing keys, and not the secret itself.
+    (key,) = derive_signing_keys(["secret"])
+    assert key != hashlib.sha256(b"django_apee.envelope.pickle\x00secret").digest()
+    assert b"secret" not in key
+
+
 def test_derived_keys_rotate() -> None:
     new, old = derive_signing_keys(["new", "old"])
-    stored = Envelope(codec="pickle", signing_keys=[old]).encode("x")
-    assert Envelope(codec="pickle", signing_keys=[new, old]).decode(stored).value == "x"
+    stored = Envelope(codec="pickle", signing_keys=[old]).encode("x", key=K)
+    rotated = Envelope(codec="pickle", signing_keys=[new, old])
+    assert rotated.decode(stored, key=K).value == "x"
 
 
 def test_safe_strings_need_the_type_handed_in() -> None:
@@ -159,10 +179,10 @@ def test_safe_strings_need_the_type_handed_in() -> None:
     envelope = Envelope(signing_keys=[KEY])
     fragment = SafeString("<b>bold</b>")
     register_safe_string(None)
-    written_without = envelope.encode(fragment)
+    written_without = envelope.encode(fragment, key=K)
     register_safe_string(SafeString)
     try:
-        written_with = envelope.encode(fragment)
+        written_with = envelope.encode(fragment, key=K)
     finally:
         register_safe_string(None)
     assert isinstance(written_without, bytes)
@@ -173,6 +193,6 @@ def test_safe_strings_need_the_type_handed_in() -> None:
     assert header_without.codec == "pickle"
     assert header_with.codec == "msgpack"
     with pytest.raises(DecodeError) as info:
-        envelope.decode(written_with)
+        envelope.decode(written_with, key=K)
     assert info.value.reason == "codec_unavailable"
-    assert type(envelope.decode(written_without).value) is SafeString
+    assert type(envelope.decode(written_without, key=K).value) is SafeString

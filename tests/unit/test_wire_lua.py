@@ -12,18 +12,23 @@ from __future__ import annotations
 import re
 from importlib.resources import files
 
+import msgpack
 import pytest
 
+from django_apee.core.envelope import Envelope
 from django_apee.core.wire import (
     FLAG_META,
     FLAGS_AT,
     FORMAT_VERSION,
     HEADER_PEEK_BYTES,
+    MAC_LEN,
     MAGIC,
+    MAX_META_LEN,
     META_LEN_AT,
     META_START,
     VERSION_AT,
     Meta,
+    describe,
 )
 
 SET_LUA = files("django_apee.store").joinpath("lua/set.lua").read_text()
@@ -84,3 +89,23 @@ def test_unpacks_the_metadata_where_it_is() -> None:
 def test_reads_grace_from_its_field() -> None:
     (index,) = the_one(r"tonumber\(meta\[(\d+)\]\)")
     assert int(index) == Meta._fields.index("grace_ms") + 1
+
+
+def test_the_literals_are_what_the_envelope_writes() -> None:
+    """Not only the constants: a value really encoded has the version byte
+    set.lua looks for, and its metadata where set.lua reads it (the MAC
+    follows the metadata, so it moves no offset set.lua uses)."""
+    meta = Meta(soft_ms=1, hard_ms=2, grace_ms=3_000, delta_ms=4, seed=5)
+    envelope = Envelope(signing_keys=[b"lua-literals"])
+    data = envelope.encode({"a": "b" * 5000}, meta, key=":1:lua")
+    assert isinstance(data, bytes)
+    (length, literal) = the_one(r'string\.sub\(head, 1, (\d+)\) == ("(?:\\\d+)+")')
+    assert lua_string(data[: int(length)]) == literal
+    assert data[VERSION_AT] == FORMAT_VERSION == 2
+    assert data[FLAGS_AT] & FLAG_META
+    end = META_START + data[META_LEN_AT]
+    assert msgpack.unpackb(data[META_START:end])[2] == meta.grace_ms
+    header = describe(data)
+    assert header is not None
+    assert header.header_len == end + MAC_LEN
+    assert end <= META_START + MAX_META_LEN < HEADER_PEEK_BYTES

@@ -5,12 +5,14 @@
 -- ARGV[4] wake channel. Returns 1 when stored, else 0.
 -- An entry kept past its hard timeout only for stale_if_error is absent for
 -- Django: add() (NX) must be able to replace it. Its grace is the third
--- field of the envelope's metadata, read without the value. The header bytes,
--- offsets and field order below are django_apee/core/wire.py's; the test
+-- field of the envelope's metadata, read without the value, so without its
+-- MAC: forged metadata can at most let add() replace the entry, which whoever
+-- forged it could do anyway. The header bytes (format version 2), offsets and
+-- field order below are django_apee/core/wire.py's; the test
 -- tests/unit/test_wire_lua.py fails when the two disagree.
 if ARGV[3] == "NX" then
   local head = redis.call("GETRANGE", KEYS[1], 0, 260)
-  if string.sub(head, 1, 3) == "\193\169\1" and string.len(head) >= 5
+  if string.sub(head, 1, 3) == "\193\169\2" and string.len(head) >= 5
       and bit.band(string.byte(head, 4), 16) ~= 0 then
     local ok, meta = pcall(cmsgpack.unpack,
                            string.sub(head, 6, 5 + string.byte(head, 5)))
