@@ -11,8 +11,9 @@ once under one DecodeError reason, in under 2 s and 64 MiB of RSS growth.
 Every envelope is authenticated and bound to its key (``core/wire.py``):
 the bytes planted here get a valid MAC for the key they are planted under,
 as a writer holding the worker's SECRET_KEY would write them, so that what
-lies past the MAC is what is tested; the two signature cases (bytes copied
-from another key, a ``<script>`` without a MAC) are planted as they are.
+lies past the MAC is what is tested; the signature cases (bytes copied from
+another key, a ``<script>`` without a valid MAC, in version 2's layout and as
+version 1 wrote msgpack) are planted as they are.
 
 Plain arrays nested 200 and 1,000 deep are no attack: msgpack's packer
 writes up to 1,024 levels and its C unpacker reads them without recursion,
@@ -126,6 +127,12 @@ def unsigned_script() -> bytes:
     return head + bytes(hostile.MAC_LEN) + msgpack.packb(tag)
 
 
+def unsigned_script_v1() -> bytes:
+    """The same ``<script>`` as version 1 wrote msgpack: no MAC at all."""
+    tag = msgpack.ExtType(12, b"<script>alert(document.cookie)</script>")
+    return b"\xc1\xa9\x01\x00" + msgpack.packb(tag)
+
+
 def damaged(damage: Callable[[bytes, int], bytes], seed: int) -> Callable[[], bytes]:
     return lambda: damage(valid_envelope(), seed)
 
@@ -166,9 +173,10 @@ CASES = [
     ),
     Case("key-swap", None, "signature", plant="swap"),
     Case("unsigned-envelope", unsigned_script, "signature"),
+    Case("unsigned-envelope-v1", unsigned_script_v1, "version"),
 ]
 #: Cases about the MAC itself: planted as built, never resealed.
-SIGNATURE_CASES = {"key-swap", "unsigned-envelope"}
+SIGNATURE_CASES = {"key-swap", "unsigned-envelope", "unsigned-envelope-v1"}
 
 
 def run_case(
