@@ -22,6 +22,7 @@ from redis.exceptions import NoPermissionError
 
 from django_apee.client import client_class
 from django_apee.conf import apee_aliases, parse, utc_today
+from django_apee.retry import retry_policy
 from django_apee.store.wake import CHANNEL_PREFIX, acl_rule, acl_user, wake_channel
 
 #: Socket timeouts of the live checks' own connection, in seconds.
@@ -44,7 +45,8 @@ def check_options(**kwargs: Any) -> list[checks.CheckMessage]:
 
     apee.E001 a bad value; E002 an unusable CLIENT_CLASS; E003 a bad METRICS
     or STATS_FLUSH_INTERVAL; E004 Django's ``serializer``, which cannot
-    apply; W003 a key nobody reads (with the closest valid name).
+    apply; E005 a REDIS_RETRIES that is not an int >= 0; W003 a key nobody
+    reads (with the closest valid name).
     """
     found: list[checks.CheckMessage] = []
     for alias, config in _apee_caches().items():
@@ -145,7 +147,7 @@ def _client(config: dict[str, Any]) -> Any:
         first,
         socket_connect_timeout=LIVE_TIMEOUT,
         socket_timeout=LIVE_TIMEOUT,
-        retry_on_timeout=False,
+        retry=retry_policy(0),  # one try: a check must not wait 10 timeouts
     )
 
 

@@ -31,6 +31,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django_apee.core.compression import DEFAULT_MAX_BYTES
 from django_apee.core.policy import Policy
 from django_apee.engine.protocol import Tuning
+from django_apee.retry import DEFAULT_REDIS_RETRIES, retry_policy
 
 CODECS = ("msgpack", "pickle")
 COMPRESSIONS = ("zstd", "lz4", "zlib", "none")
@@ -66,9 +67,9 @@ APEE_OPTIONS = frozenset(
         "ALLOW_PICKLE", "BREAKER_COOLDOWN", "BREAKER_THRESHOLD", "CODEC",
         "COLD_MISS_WAIT", "COMPRESSION", "COMPRESS_LEVEL", "COMPRESS_MIN_BYTES",
         "HERD", "HERD_EXCLUDE", "LEASE_MAX", "LEASE_MIN", "LEASE_TIMEOUT",
-        "LEGACY_READS", "LEGACY_READS_UNTIL", "MAX_VALUE_BYTES", "METRICS", "REFRESH",
-        "REFRESH_WORKERS", "SOFT_TIMEOUT_RATIO", "STATS_FLUSH_INTERVAL",
-        "WAIT_TIMEOUT", "XFETCH_BETA",
+        "LEGACY_READS", "LEGACY_READS_UNTIL", "MAX_VALUE_BYTES", "METRICS",
+        "REDIS_RETRIES", "REFRESH", "REFRESH_WORKERS", "SOFT_TIMEOUT_RATIO",
+        "STATS_FLUSH_INTERVAL", "WAIT_TIMEOUT", "XFETCH_BETA",
     }
 )  # fmt: skip
 #: django-redis's OPTIONS (7.x), passed through to it.
@@ -301,9 +302,56 @@ def _redis_options(options: dict[str, Any], read: _Reader) -> dict[str, Any]:
     ):
         if redis_options[option] is None:
             pool_kwargs.setdefault(kwarg, None)
+    _retry(options, read, redis_options, pool_kwargs)
     if pool_kwargs:
         redis_options["CONNECTION_POOL_KWARGS"] = pool_kwargs
     return redis_options
+
+
+def _retry(
+    options: dict[str, Any],
+    read: _Reader,
+    redis_options: dict[str, Any],
+    pool_kwargs: dict[str, Any],
+) -> None:
+    """REDIS_RETRIES: redis-py's retry policy on every connection we make.
+
+    A frozen Redis then costs each command at most
+    ``(1 + REDIS_RETRIES) * (SOCKET_CONNECT_TIMEOUT + SOCKET_TIMEOUT)``
+    (``retry.py`` states the bound and why), whatever redis-py's defaults
+    are. A ``retry`` in CONNECTION_POOL_KWARGS (or SENTINEL_KWARGS) is the
+    user's own policy and wins; the bound is then theirs to work out. Under
+    Sentinel, the connections to the sentinels get it too: redis-py builds
+    them as ``Redis(host, port)``, which retries 10 times by default.
+    """
+    value = options.get("REDIS_RETRIES", DEFAULT_REDIS_RETRIES)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        read.fail(
+            f"['REDIS_RETRIES'] must be an int >= 0, got {value!r}: how many "
+            "times redis-py re-sends a command that failed or timed out "
+            "(negative would mean forever).",
+            check="apee.E005",
+        )
+        value = DEFAULT_REDIS_RETRIES
+    pool_kwargs.setdefault("retry", retry_policy(value))
+    if options.get("SENTINELS"):
+        given = options.get("SENTINEL_KWARGS")
+        # redis-py's Sentinel gives the sentinels the socket_* options of the
+        # data connections only when SENTINEL_KWARGS is absent: keep that.
+        if given is not None:
+            sentinel_kwargs = dict(given)
+        else:
+            sentinel_kwargs = {
+                k: v for k, v in pool_kwargs.items() if k.startswith("socket_")
+            }
+            for option, kwarg in (
+                ("SOCKET_TIMEOUT", "socket_timeout"),
+                ("SOCKET_CONNECT_TIMEOUT", "socket_connect_timeout"),
+            ):
+                if redis_options[option]:  # django-redis drops falsy ones
+                    sentinel_kwargs.setdefault(kwarg, redis_options[option])
+        sentinel_kwargs.setdefault("retry", retry_policy(value))
+        redis_options["SENTINEL_KWARGS"] = sentinel_kwargs
 
 
 def _dotted(value: Any) -> Any:
