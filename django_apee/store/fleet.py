@@ -184,7 +184,9 @@ def interval(alias: str) -> float:
 
 def _flush_loop() -> None:
     while True:
-        aliases = {alias for alias, _ in TALLY.pending()}
+        # Registered aliases too: right after a flush nothing is pending,
+        # and waiting the default 5 s then would ignore a shorter interval.
+        aliases = {alias for alias, _ in TALLY.pending()} | set(_SINKS)
         wait = min((interval(a) for a in aliases), default=DEFAULT_INTERVAL)
         TALLY.wake.wait(wait)
         TALLY.wake.clear()
