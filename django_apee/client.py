@@ -260,12 +260,14 @@ class ApeeClientMixin(InPlaceMixin):
         px = None if timeout is None else to_milliseconds(timeout)
         if client is None:
             client = self.get_client(write=True)
-        herd = self._backend.runtime.herd
+        runtime = self._backend.runtime
+        herd = runtime.herd
         if (won := herd.claim(made)) is not None:
             return self._herd_set(client, made, value, px, herd, won)
         # The hard timeout lets readers tell the entry's age from its PTTL;
         # the soft one is the reader's rule (SOFT_TIMEOUT_RATIO), not stored.
-        encoded = self.encode(value, meta=Meta(hard_ms=px) if px else None, key=made)
+        meta = Meta(hard_ms=px, written_ms=runtime.clock.earliest_ms()) if px else None
+        encoded = self.encode(value, meta=meta, key=made)
         mode = "NX" if nx else "XX" if xx else ""
         with interrupted(client):
             stored = scripts.run(
@@ -294,6 +296,7 @@ class ApeeClientMixin(InPlaceMixin):
             hard_ms=px or 0,
             delta_ms=won.delta_ms(time.monotonic()),
             seed=random.randrange(1, policy.SEED_RANGE),
+            written_ms=self._backend.runtime.clock.earliest_ms(),
         )
         try:
             encoded = self.encode(value, meta=meta, key=made)

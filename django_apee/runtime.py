@@ -23,6 +23,7 @@ from django_apee.engine.herd import Herd
 from django_apee.engine.stampede import Coordinator
 from django_apee.observe import metrics
 from django_apee.store import fleet
+from django_apee.store.clock import RedisClock
 from django_apee.store.wake import WakeHub, wake_channel
 
 if TYPE_CHECKING:
@@ -62,11 +63,14 @@ class Runtime:
         metrics.configure(self.alias, enabled=options.metrics)
         self.events = metrics.AliasMetrics(self.alias)
         self.store = BackendStore(backend)
+        #: Redis's clock, sampled from the primary: entries are stamped with
+        #: it and the lean hit path judges their age by it.
+        self.clock = RedisClock(self.store.connection)
         #: Wake-ups of the alias's KEY_PREFIX only: other apps on the same
         #: Redis neither hear its key names nor wake its waiters.
         self.hub = WakeHub(self.store.connection, wake_channel(backend.key_prefix))
         self.coordinator = Coordinator(
-            self.store, self.hub, options.tuning, self.events
+            self.store, self.hub, options.tuning, self.events, clock=self.clock
         )
         self.herd = Herd(self.store, self.hub, options.tuning, self.events)
         fleet.register(

@@ -9,13 +9,12 @@ reproducible from the numbers it saw.
 Time without clocks
 ===================
 An entry is stored with ``PX = hard_ms + grace_ms`` and carries its durations
-in the envelope's :class:`~django_apee.core.envelope.Meta`. A reader gets the value
-and the key's ``PTTL`` in one atomic round trip (a script or ``MULTI``), so::
-
-    age_ms = hard_ms + grace_ms - pttl_ms
-
-is measured entirely by the Redis server's clock. App servers never compare
-their own clocks with each other or with a timestamp in the value (the
+in the envelope's :class:`~django_apee.core.envelope.Meta`, and when it was
+written in Redis's clock. A hit is judged by :func:`fresh_until_ms` and a
+local estimate of Redis's time (``store/clock.py``); anything it cannot call
+``FRESH`` is read again with the key's ``PTTL``, atomically, and then
+``age_ms = hard_ms + grace_ms - pttl_ms``. Either way the age is measured by
+the Redis server's clock, never by comparing app servers' clocks (the
 article's ``Date.now()`` flaw), so clock skew across the fleet cannot matter.
 
 The life of an entry
@@ -71,6 +70,7 @@ __all__ = [
     "Policy",
     "State",
     "age_ms",
+    "fresh_until_ms",
     "lease_ms",
     "measured_delta_ms",
     "renew_every_ms",
@@ -393,6 +393,37 @@ def xfetch_rand(meta: Meta | None, draw: float) -> float:
     if meta is not None and meta.seed:
         return meta.seed / SEED_RANGE
     return draw
+
+
+#: :func:`fresh_until_ms`: fresh for ever; only the PTTL can tell.
+NO_DEADLINE, UNDECIDED = math.inf, -math.inf
+
+
+def fresh_until_ms(meta: Meta | None, policy: Policy) -> float:
+    """Until when (Redis's clock, ms since the epoch) the entry is ``FRESH``
+    by its envelope alone: ``written_ms + soft - early``, ``early`` being
+    XFetch's margin for the stored draw (:func:`xfetch_early` solved for the
+    age). A read whose latest possible Redis time (``store/clock.py``) is
+    before it is a hit without the PTTL: :func:`state` would say ``FRESH``.
+
+    :data:`NO_DEADLINE` if always fresh (no meta, persistent);
+    :data:`UNDECIDED` if only the PTTL can tell: no ``written_ms`` (older
+    entries), a grace period (Redis keeps those past their hard timeout;
+    without one Redis deletes the entry at it, so the lean path never
+    serves past it whatever the clocks), or a compute time without a
+    stored draw. No validation: ``unpack_meta`` checked the fields.
+    """
+    if meta is None or meta.hard_ms == 0:
+        return NO_DEADLINE
+    if meta.written_ms == 0 or meta.grace_ms:
+        return UNDECIDED
+    soft = _effective_soft_ms(meta, policy)
+    scale = meta.delta_ms * policy.beta
+    if scale <= 0:
+        return meta.written_ms + soft
+    if not meta.seed:
+        return UNDECIDED
+    return meta.written_ms + soft - scale * -math.log1p(-meta.seed / SEED_RANGE)
 
 
 def measured_delta_ms(elapsed_s: float) -> int:

@@ -30,7 +30,9 @@ Wire format, version 2
                   bit  4    META present
                   bits 5-7  reserved, must be 0
     if META     1 byte n (0..255), then n bytes: a msgpack array of
-                non-negative ints [soft_ms, hard_ms, grace_ms, delta_ms, seed].
+                non-negative ints [soft_ms, hard_ms, grace_ms, delta_ms, seed,
+                written_ms] (written_ms was appended after version 2 shipped;
+                see ``Meta``).
                 Readers take the fields they know, ignore extra trailing
                 fields (so a later writer may append fields without a version
                 bump) and default missing ones to 0; n == 0 means "all 0".
@@ -216,10 +218,19 @@ _INT64_MAX = 2**63 - 1
 
 
 class Meta(NamedTuple):
-    """Durations stored with an entry, in milliseconds.
+    """Durations stored with an entry, in milliseconds, and when it was written.
 
-    They are durations, not timestamps, so readers combine them with the key's
-    PTTL (read in the same round trip) and never depend on the app's clock.
+    The durations can be combined with the key's PTTL (read in the same round
+    trip), which depends on no clock but Redis's. ``written_ms`` is the
+    instant the entry was encoded *in Redis's clock* (milliseconds since the
+    Unix epoch, as Redis ``TIME`` counts them), as a lower bound: the
+    writer's estimate of Redis's time minus that estimate's error (see
+    ``store/clock.py``). With it a reader knows the entry's soft and hard
+    deadlines from the value alone, so a hit can be a plain ``GET``
+    (:func:`django_apee.core.policy.fresh_until_ms`). 0 means not recorded
+    (entries written before the field existed, or by a writer without a
+    sample of Redis's clock): readers then use the PTTL. It was appended to
+    the array without a version bump: older readers ignore it.
     """
 
     soft_ms: int = 0
@@ -230,6 +241,9 @@ class Meta(NamedTuple):
     #: Readers use ``seed / 2**32`` as XFetch's ``rand``, so all of them agree
     #: on when an entry's early refresh is due, whatever the read rate.
     seed: int = 0
+    #: When the entry was written, in Redis's clock (ms since the epoch), a
+    #: lower bound; 0: not recorded.
+    written_ms: int = 0
 
 
 class Decoded(NamedTuple):

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from django_apee.engine.protocol import Events, Store, Tuning
+    from django_apee.store.clock import RedisClock
     from django_apee.store.wake import WakeHub
 
 logger = logging.getLogger("django_apee")
@@ -63,9 +64,11 @@ class Spec:
     def px(self) -> int | None:
         return self.hard_ms + self.grace_ms if self.hard_ms else None
 
-    def meta(self, delta_ms: int) -> Meta:
+    def meta(self, delta_ms: int, written_ms: int = 0) -> Meta:
         seed = random.randrange(1, policy.SEED_RANGE)
-        return Meta(self.soft_ms, self.hard_ms, self.grace_ms, delta_ms, seed)
+        return Meta(
+            self.soft_ms, self.hard_ms, self.grace_ms, delta_ms, seed, written_ms
+        )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -103,9 +106,18 @@ class Coordinator:
     """What the threads of one process share for one cache alias."""
 
     def __init__(
-        self, store: Store, hub: WakeHub, tuning: Tuning, events: Events
+        self,
+        store: Store,
+        hub: WakeHub,
+        tuning: Tuning,
+        events: Events,
+        *,
+        clock: RedisClock | None = None,
     ) -> None:
         self.store = store
+        #: Redis's clock (``store/clock.py``): entries are stamped with it,
+        #: and hits judged by it. None: the PTTL path only (engine tests).
+        self.clock = clock
         self.tuning = tuning
         self.rules = tuning.policy
         self.events = events
@@ -296,7 +308,8 @@ class Coordinator:
         self.events.computed("ok")
         self.events.compute_seconds.observe(elapsed)
         try:
-            meta = call.spec.meta(policy.measured_delta_ms(elapsed))
+            written = self.clock.earliest_ms() if self.clock is not None else 0
+            meta = call.spec.meta(policy.measured_delta_ms(elapsed), written)
             payload = self.store.encode_entry(call.made, value, meta)
         except Exception:
             self.waiting.release_quietly(held)

@@ -508,8 +508,15 @@ def with_meta(meta_bytes: bytes, payload: bytes = b"\xa1x") -> bytes:
 
 
 def test_meta_extra_trailing_fields_are_ignored() -> None:
-    data = with_meta(msgpack.packb([1, 2, 3, 4, 5, "future", [6]]))
-    assert make().decode(data, key=K) == Decoded("x", Meta(1, 2, 3, 4, 5))
+    data = with_meta(msgpack.packb([1, 2, 3, 4, 5, 6, "future", [7]]))
+    assert make().decode(data, key=K) == Decoded("x", Meta(1, 2, 3, 4, 5, 6))
+
+
+def test_meta_written_before_written_ms_existed_reads_as_zero() -> None:
+    """Version 2 shipped with five fields; written_ms was appended later."""
+    data = with_meta(msgpack.packb([1, 2, 3, 4, 5]))
+    assert make().decode(data, key=K).meta == Meta(1, 2, 3, 4, 5, written_ms=0)
+    assert Meta._fields[5] == "written_ms"
 
 
 def test_meta_missing_fields_default_to_zero() -> None:
@@ -1155,7 +1162,7 @@ pickle_only = st.one_of(
         ["zstd", "zlib", "none"] + (["lz4"] if lz4_frame else [])
     ),
     threshold=st.sampled_from([0, 16, 1024]),
-    meta=st.none() | st.builds(Meta, *[st.integers(0, 2**64 - 1)] * 5),
+    meta=st.none() | st.builds(Meta, *[st.integers(0, 2**64 - 1)] * len(Meta._fields)),
 )
 def test_property_roundtrip(
     value: Any, compressor: str, threshold: int, meta: Meta | None
@@ -1197,7 +1204,7 @@ def _decode_or_decode_error(envelope: Envelope, data: bytes) -> None:
 @given(
     value=st.one_of(values, pickle_only),
     envelope=st.sampled_from(FUZZ_ENVELOPES),
-    meta=st.none() | st.builds(Meta, *[st.integers(0, 2**40)] * 5),
+    meta=st.none() | st.builds(Meta, *[st.integers(0, 2**40)] * len(Meta._fields)),
     noise=st.binary(max_size=64),
     data=st.data(),
 )

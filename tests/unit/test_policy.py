@@ -11,10 +11,13 @@ from hypothesis import strategies as st
 
 from django_apee.core.envelope import Meta
 from django_apee.core.policy import (
+    NO_DEADLINE,
+    UNDECIDED,
     WAIT_SLACK_MS,
     Policy,
     State,
     age_ms,
+    fresh_until_ms,
     lease_ms,
     measured_delta_ms,
     renew_every_ms,
@@ -23,6 +26,7 @@ from django_apee.core.policy import (
     wait_ms,
     xfetch_early,
     xfetch_probability,
+    xfetch_rand,
 )
 
 
@@ -709,3 +713,67 @@ def test_measured_delta() -> None:
 def test_measured_delta_rejects_bad_input(elapsed: float) -> None:
     with pytest.raises(ValueError, match="elapsed_s"):
         measured_delta_ms(elapsed)
+
+
+# -- fresh_until_ms: the lean hit path's decision ---------------------------------
+
+WRITTEN = 1_764_000_000_000  # a Redis TIME in ms
+
+
+@given(
+    soft=st.integers(0, 10**7),
+    hard=st.integers(1, 10**7),
+    delta=st.integers(0, 10**6),
+    seed=st.integers(1, 2**32 - 1),
+    age=st.integers(0, 2 * 10**7),
+    beta=betas,
+)
+def test_fresh_until_agrees_with_state_by_pttl(
+    soft: int, hard: int, delta: int, seed: int, age: int, beta: float
+) -> None:
+    """Whatever the lean path calls fresh, the PTTL path calls FRESH too."""
+    meta = Meta(min(soft, hard), hard, 0, delta, seed, WRITTEN)
+    rules = Policy(beta=beta)
+    until = fresh_until_ms(meta, rules)
+    pttl = hard - age  # as the key's PTTL would say at that age
+    if pttl <= 0:
+        assert WRITTEN + age >= until  # past hard: never fresh by the envelope
+        return
+    rand = xfetch_rand(meta, 0.5)
+    by_pttl = state(meta, pttl, policy=rules, rand=rand)
+    if WRITTEN + age < until:
+        assert by_pttl is State.FRESH
+    elif by_pttl is State.FRESH:
+        # Only float rounding at the very boundary may disagree (and the
+        # lean path then asks the PTTL: never wrong, only slower).
+        assert WRITTEN + age - until < 1
+
+
+def test_fresh_until_without_a_deadline() -> None:
+    assert fresh_until_ms(None, POLICY) == NO_DEADLINE
+    assert fresh_until_ms(Meta(written_ms=WRITTEN), POLICY) == NO_DEADLINE
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        Meta(900, 1000),  # written before written_ms existed
+        Meta(900, 1000, 500, 0, 1, WRITTEN),  # a grace period: Redis keeps it
+        Meta(900, 1000, 0, 50, 0, WRITTEN),  # a compute time but no draw
+    ],
+)
+def test_fresh_until_undecided(meta: Meta) -> None:
+    assert fresh_until_ms(meta, POLICY) == UNDECIDED
+
+
+def test_fresh_until_plain_set_entry_uses_the_soft_rule() -> None:
+    meta = Meta(hard_ms=10_000, written_ms=WRITTEN)
+    assert fresh_until_ms(meta, POLICY) == WRITTEN + 9_500
+
+
+def test_fresh_until_leaves_xfetch_its_margin() -> None:
+    meta = Meta(9_000, 10_000, 0, 1_000, 2**31, WRITTEN)  # rand 0.5
+    assert fresh_until_ms(meta, POLICY) == pytest.approx(
+        WRITTEN + 9_000 - 1_000 * math.log(2)
+    )
+    assert fresh_until_ms(meta, Policy(beta=0)) == WRITTEN + 9_000
