@@ -2,7 +2,7 @@
 
 Real processes, real HTTP: a rendezvous makes sure each sync worker served at
 least one request, then plain requests go wherever gunicorn sends them; the
-counters on /metrics (django-prometheus's view, multiprocess collector) are
+counters on /metrics (django_apee.contrib.prometheus, multiprocess collector) are
 the exact sums, and the fleet hash in Redis holds the same after the workers
 exit (their at-exit flush).
 """

@@ -2,8 +2,9 @@
 
 Served by ``gunicorn tests.support.metrics_app:application`` with
 ``DJANGO_SETTINGS_MODULE=tests.support.metrics_app`` (this module is its own settings
-and URLconf) and ``PROMETHEUS_MULTIPROC_DIR`` set, so django-prometheus's
-view sums every worker's counters.
+and URLconf) and ``PROMETHEUS_MULTIPROC_DIR`` set, so the /metrics view
+(``django_apee.contrib.prometheus``, prometheus_client alone) sums every
+worker's counters.
 """
 
 from __future__ import annotations
@@ -53,13 +54,14 @@ def health_view(request):  # type: ignore[no-untyped-def]
 
 def _urls() -> list[object]:
     from django.urls import path
-    from django_prometheus.exports import ExportToDjangoView
+
+    from django_apee.contrib.prometheus import metrics_view
 
     return [
         path("get", get_view),
         path("rendezvous", rendezvous_view),
         path("health", health_view),
-        path("metrics", ExportToDjangoView),
+        path("metrics", metrics_view),
     ]
 
 

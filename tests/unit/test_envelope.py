@@ -41,7 +41,7 @@ from django_apee.core.mac import Macs, bind
 
 try:
     import lz4.frame as lz4_frame
-except ImportError:  # pragma: no cover - lz4 is in the test extras
+except ImportError:  # pragma: no cover - lz4 is in requirements/test.txt
     lz4_frame = None
 
 needs_lz4 = pytest.mark.skipif(lz4_frame is None, reason="lz4 is not installed")

@@ -1,0 +1,1 @@
+"""Integrations with other Django packages, each used only when installed."""
