@@ -1,12 +1,16 @@
 """Django system checks for every ApeeCache alias.
 
 Static checks (``apee.E…``) read only settings: they run with every
-``manage.py`` command and never talk to Redis. Live checks (``apee.W…``) ask
-Redis how it is configured (``observe.server.lint``) and run only under
-``check --deploy``, with short timeouts; a Redis that cannot be reached is a
-warning saying so, never an exception. ``apee.W006`` asks, through the
-backend's own connection (its user, password, Sentinel), whether that user
-may use the alias's wake-up channel.
+``manage.py`` command and never talk to Redis. Live checks (``apee.W…``) run
+only under ``check --deploy`` and talk to Redis through the backend's own
+connection, so everything the site connects with applies to them too
+(``PASSWORD``, ``USERNAME``, TLS, ``CONNECTION_POOL_KWARGS``, Sentinel, the
+client class); a connection of their own would report a password-protected
+Redis as unreachable. Its socket timeouts and ``REDIS_RETRIES`` bound them
+(1 s to connect, 2 s to answer, no retry by default). ``apee.W001``/``W002``
+ask Redis how it is configured (``observe.server.lint``); a Redis that cannot
+be reached is a warning saying so, never an exception. ``apee.W006`` asks
+whether the alias's user may use its wake-up channel.
 """
 
 from __future__ import annotations
@@ -22,10 +26,9 @@ from redis.exceptions import NoPermissionError
 
 from django_apee.client import client_class
 from django_apee.conf import apee_aliases, parse, utc_today
-from django_apee.retry import retry_policy
 from django_apee.store.wake import CHANNEL_PREFIX, acl_rule, acl_user, wake_channel
 
-#: Socket timeouts of the live checks' own connection, in seconds.
+#: How long the wake-channel check waits for its SUBSCRIBE to be confirmed (s).
 LIVE_TIMEOUT = 1.0
 
 
@@ -101,20 +104,16 @@ def check_legacy_reads(**kwargs: Any) -> list[checks.CheckMessage]:
 def check_redis(**kwargs: Any) -> list[checks.CheckMessage]:
     """apee.W001 Redis unreachable; W002 each finding of the configuration lint."""
     found: list[checks.CheckMessage] = []
-    for alias, config in _apee_caches().items():
-        found += _live(alias, config)
+    for alias in _apee_caches():
+        found += _live(alias)
     return found
 
 
-def _live(alias: str, config: dict[str, Any]) -> list[checks.CheckMessage]:
+def _live(alias: str) -> list[checks.CheckMessage]:
     from django_apee.observe import server
 
     try:
-        client = _client(config)
-        try:
-            lint = server.lint(client)
-        finally:
-            client.close()
+        lint = server.lint(_client(alias))
     except Exception as error:  # any failure to look is a warning, not a crash
         return [
             checks.Warning(
@@ -136,35 +135,28 @@ def _live(alias: str, config: dict[str, Any]) -> list[checks.CheckMessage]:
     ]
 
 
-def _client(config: dict[str, Any]) -> Any:
-    """A short-timeout client of the alias's first server (not its pool)."""
-    import redis
+def _client(alias: str) -> Any:
+    """The alias's own Redis client for its primary (the backend's pool).
 
-    location = config.get("LOCATION")
-    first = location[0] if isinstance(location, (list, tuple)) else str(location)
-    first = first.split(",")[0]
-    return redis.Redis.from_url(
-        first,
-        socket_connect_timeout=LIVE_TIMEOUT,
-        socket_timeout=LIVE_TIMEOUT,
-        retry=retry_policy(0),  # one try: a check must not wait 10 timeouts
-    )
+    Built by the backend, so its OPTIONS apply: credentials, TLS, pool
+    arguments, Sentinel. Bad OPTIONS raise here (ImproperlyConfigured), which
+    the caller reports as "could not check" next to apee.E001.
+    """
+    return caches[alias].client.get_client(write=True)
 
 
 def check_wake_channel(**kwargs: Any) -> list[checks.CheckMessage]:
     """apee.W006: the alias's Redis user may not use its wake-up channel.
 
-    Asked through the backend's own connection, so its USERNAME, PASSWORD
-    and Sentinel apply (and its socket timeouts bound the wait). A Redis
+    Asked through the backend's own connection (``_client``). A Redis
     that cannot be reached, or bad OPTIONS, are other checks' business
     (apee.W001, E001): skipped here.
     """
     found: list[checks.CheckMessage] = []
     for alias in _apee_caches():
         try:
-            backend = caches[alias]
-            channel = wake_channel(backend.key_prefix)
-            client = backend.client.get_client(write=True)
+            channel = wake_channel(caches[alias].key_prefix)
+            client = _client(alias)
             denied = _denied_on(client, channel)
         except Exception:  # unreachable, misconfigured: said elsewhere
             denied = []

@@ -17,6 +17,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import redis
 from django.conf import settings
 from django.core.cache import caches
 from django.core.exceptions import ImproperlyConfigured
@@ -362,6 +363,47 @@ def test_deploy_checks_warn_and_never_raise(servers):
     assert "apee.W002" in by_alias["n"]
     policy = [m for m in found if m.obj == "n" and "maxmemory-policy" in m.msg]
     assert len(policy) == 1
+
+
+def test_deploy_checks_connect_as_the_backend_does():
+    """A password or ACL user in OPTIONS is used: no false apee.W001.
+
+    The live checks once opened a connection of their own from LOCATION and
+    reported a password-protected Redis as unreachable. The aliases without
+    the credentials show the check can still fail on that server.
+    """
+    server = RedisServer(
+        extra_args=(*TUNED, "--requirepass", "s3cret"), password="s3cret"
+    ).start()
+    try:
+        admin = redis.Redis(port=server.port, password="s3cret")
+        admin.execute_command(
+            "ACL", "SETUSER", "ops", "on", ">ops-pw", "~*", "&*", "+@all"
+        )
+        admin.close()
+        # One database each: django-redis shares a connection pool per URL.
+        options = {
+            "nopw": {},
+            "wrongpw": {"PASSWORD": "nope"},
+            "pw": {"PASSWORD": "s3cret"},
+            "user": {"USERNAME": "ops", "PASSWORD": "ops-pw"},
+            "poolkw": {"CONNECTION_POOL_KWARGS": {"password": "s3cret"}},
+        }
+        config = {**settings.CACHES}
+        for db, (alias, opts) in enumerate(options.items()):
+            location = f"redis://127.0.0.1:{server.port}/{db}"
+            config[alias] = {"BACKEND": APEE, "LOCATION": location, "OPTIONS": opts}
+        with override_settings(CACHES=config):
+            found = checks.check_redis() + checks.check_wake_channel()
+        by_alias: dict[str, list[str]] = {}
+        for message in found:
+            by_alias.setdefault(message.obj, []).append(message.id)
+        for alias in ("pw", "user", "poolkw"):
+            assert alias not in by_alias, (alias, [m.msg for m in found])
+        assert by_alias["nopw"] == ["apee.W001"]
+        assert by_alias["wrongpw"] == ["apee.W001"]
+    finally:
+        server.close()
 
 
 def test_checks_are_registered_with_the_deploy_tag_for_live_ones():
