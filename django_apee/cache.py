@@ -26,6 +26,7 @@ from django_redis.exceptions import ConnectionInterrupted
 
 from django_apee import runtime
 from django_apee.client import client_class
+from django_apee.client_near import near_client
 from django_apee.conf import ApeeOptions, utc_today
 from django_apee.core import MISSING
 from django_apee.core.codec import register_safe_string
@@ -78,6 +79,8 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
             self.config_error = ImproperlyConfigured(str(error))
             self.options = ApeeOptions.from_params({})
             client_cls = client_class(self.options.client_class)
+        if self.options.near_cache is not None:
+            client_cls = near_client(client_cls)
         params["OPTIONS"] = self.options.redis_options
         super().__init__(server, params)
         self._client_cls = client_cls

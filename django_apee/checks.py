@@ -48,8 +48,8 @@ def check_options(**kwargs: Any) -> list[checks.CheckMessage]:
 
     apee.E001 a bad value; E002 an unusable CLIENT_CLASS; E003 a bad METRICS
     or STATS_FLUSH_INTERVAL; E004 Django's ``serializer``, which cannot
-    apply; E005 a REDIS_RETRIES that is not an int >= 0; W003 a key nobody
-    reads (with the closest valid name).
+    apply; E005 a REDIS_RETRIES that is not an int >= 0; E006 a bad
+    NEAR_CACHE; W003 a key nobody reads (with the closest valid name).
     """
     found: list[checks.CheckMessage] = []
     for alias, config in _apee_caches().items():

@@ -29,6 +29,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 
 from django_apee.core.compression import DEFAULT_MAX_BYTES
+from django_apee.core.near import Limits
 from django_apee.core.policy import Policy
 from django_apee.engine.protocol import Tuning
 from django_apee.retry import DEFAULT_REDIS_RETRIES, retry_policy
@@ -68,7 +69,7 @@ APEE_OPTIONS = frozenset(
         "COLD_MISS_WAIT", "COMPRESSION", "COMPRESS_LEVEL", "COMPRESS_MIN_BYTES",
         "HERD", "HERD_EXCLUDE", "LEASE_MAX", "LEASE_MIN", "LEASE_TIMEOUT",
         "LEGACY_READS", "LEGACY_READS_UNTIL", "MAX_VALUE_BYTES", "METRICS",
-        "REDIS_RETRIES", "REFRESH", "REFRESH_WORKERS", "SOFT_TIMEOUT_RATIO",
+        "NEAR_CACHE", "REDIS_RETRIES", "REFRESH", "REFRESH_WORKERS", "SOFT_TIMEOUT_RATIO",
         "STATS_FLUSH_INTERVAL", "WAIT_TIMEOUT", "XFETCH_BETA",
     }
 )  # fmt: skip
@@ -178,6 +179,8 @@ class ApeeOptions:
     legacy_reads_until: datetime.date | None
     metrics: bool
     stats_flush_interval: float
+    #: The near cache's bounds; None: off (the default).
+    near_cache: Limits | None
     #: What goes to django-redis: its own keys, our defaults, Django's renamed.
     redis_options: dict[str, Any]
     tuning: Tuning
@@ -233,6 +236,7 @@ def parse(options: dict[str, Any]) -> tuple[ApeeOptions, list[Problem]]:
         stats_flush_interval=read.positive(
             "STATS_FLUSH_INTERVAL", DEFAULT_STATS_FLUSH_INTERVAL, check="apee.E003"
         ),
+        near_cache=_near_cache(read),
         redis_options=_redis_options(options, read),
         tuning=_tuning(read),
         fingerprint=fingerprint(options),
@@ -266,6 +270,49 @@ def _legacy_until(read: _Reader) -> datetime.date | None:
             "the migration an end."
         )
         return None
+
+
+#: What ``NEAR_CACHE: True`` means.
+NEAR_DEFAULTS = Limits()
+NEAR_KEYS = {"MAX_ENTRIES": "max_entries", "MAX_BYTES": "max_bytes"}
+
+
+def _near_cache(read: _Reader) -> Limits | None:
+    """NEAR_CACHE: False/absent (off), True (default bounds) or a dict of
+    MAX_ENTRIES and MAX_BYTES (ints >= 1; the missing one keeps its default).
+
+    Opt-in because every process then hears every write under the alias's
+    KEY_PREFIX (see ``store/tracking.py``). Problems are apee.E006.
+    """
+    value = read.options.get("NEAR_CACHE", False)
+    if value is False or value is None:
+        return None
+    if value is True:
+        return NEAR_DEFAULTS
+    if not isinstance(value, dict):
+        read.fail(
+            f"['NEAR_CACHE'] must be True, False or a dict with MAX_ENTRIES "
+            f"and MAX_BYTES, got {value!r}.",
+            check="apee.E006",
+        )
+        return None
+    bounds = {}
+    for name, bad in ((k, v) for k, v in value.items() if k not in NEAR_KEYS):
+        read.fail(
+            f"['NEAR_CACHE'][{name!r}] is not a near cache option "
+            f"(MAX_ENTRIES, MAX_BYTES), got {bad!r}.",
+            check="apee.E006",
+        )
+    for name, field in NEAR_KEYS.items():
+        number = value.get(name, getattr(NEAR_DEFAULTS, field))
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+            read.fail(
+                f"['NEAR_CACHE'][{name!r}] must be an int >= 1, got {number!r}.",
+                check="apee.E006",
+            )
+            return None
+        bounds[field] = number
+    return Limits(**bounds)
 
 
 def fingerprint(options: dict[str, Any]) -> str:

@@ -24,6 +24,8 @@ from django_apee.engine.stampede import Coordinator
 from django_apee.observe import metrics
 from django_apee.store import fleet
 from django_apee.store.clock import RedisClock
+from django_apee.store.near import Near
+from django_apee.store.tracking import tracking_connection
 from django_apee.store.wake import WakeHub, wake_channel
 
 if TYPE_CHECKING:
@@ -73,6 +75,8 @@ class Runtime:
             self.store, self.hub, options.tuning, self.events, clock=self.clock
         )
         self.herd = Herd(self.store, self.hub, options.tuning, self.events)
+        #: The near cache (OPTIONS NEAR_CACHE), None when off.
+        self.near = _near(backend, self) if options.near_cache else None
         fleet.register(
             self.alias,
             fleet.Sink(
@@ -81,6 +85,43 @@ class Runtime:
                 interval=options.stats_flush_interval,
             ),
         )
+
+    def close(self) -> None:
+        """This configuration is dropped: stop the near cache's tracking now
+        (its thread would otherwise hear writes until it is collected)."""
+        if self.near is not None:
+            self.near.close()
+
+
+def _near(backend: ApeeCache, runtime: Runtime) -> Near:
+    """The alias's near cache, tracking every key its KEY_FUNCTION can make."""
+    assert backend.options.near_cache is not None
+    return Near(
+        backend.options.near_cache,
+        backend.envelope,
+        backend.options.policy,
+        lambda: tracking_connection(runtime.store.connection()),
+        tracking_prefix(backend),
+        runtime.events,
+    )
+
+
+def tracking_prefix(backend: ApeeCache) -> str:
+    """What every key of the alias starts with, for ``CLIENT TRACKING PREFIX``.
+
+    The common start of two keys that differ in key and version: with
+    Django's key function, ``KEY_PREFIX:``; with a custom one, whatever it
+    keeps in common (possibly nothing: then every key of the database is
+    tracked, which is correct, only noisier).
+    """
+    made = [
+        str(backend.key_func(key, backend.key_prefix, version))
+        for key, version in (("a", 1), ("b", 2))
+    ]
+    common = 0
+    while common < min(map(len, made)) and made[0][common] == made[1][common]:
+        common += 1
+    return made[0][:common]
 
 
 RUNTIMES: Registry[Runtime] = Registry()
@@ -98,7 +139,8 @@ def forget_all() -> None:
     Fleet sinks stay until the alias's next runtime replaces them: counts
     already made must still reach a Redis.
     """
-    RUNTIMES.clear()
+    for dropped in RUNTIMES.clear():
+        dropped.close()
     metrics.reset()
 
 

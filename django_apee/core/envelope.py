@@ -325,11 +325,19 @@ class Envelope:
             raise DecodeError("foreign", "not a django-apee envelope (no magic)")
         return Opened(*_guarded(self._open, data, bound))
 
+    def load(self, codec: int, payload: bytes) -> Any:
+        """The value in a payload ``open`` verified and decompressed.
+
+        The near cache keeps opened payloads and loads one per read, so no
+        two callers share a mutable value.
+        """
+        if codec == CODEC_PICKLE:
+            return pickle.loads(payload)
+        return unpack(payload, self.max_decompressed_bytes)
+
     def _decode(self, data: bytes, bound: bytes) -> Decoded:
         codec, meta, payload = self._open(data, bound)
-        if codec == CODEC_PICKLE:
-            return Decoded(pickle.loads(payload), meta)
-        return Decoded(unpack(payload, self.max_decompressed_bytes), meta)
+        return Decoded(self.load(codec, payload), meta)
 
     def _open(self, data: bytes, bound: bytes) -> tuple[int, Meta | None, bytes]:
         """(codec, meta, the codec's bytes): verified, decompressed."""

@@ -75,9 +75,13 @@ class Registry(Generic[T]):
                 found = self._items[full] = make()
             return found
 
-    def clear(self) -> None:
+    def clear(self) -> list[T]:
+        """Drop every entry; the ones this process made are returned, so
+        the caller can stop what they run."""
         with self._lock:
-            self._items = {}
+            items, self._items = self._items, {}
+        pid = os.getpid()
+        return [item for (owner, _), item in items.items() if owner == pid]
 
     def __len__(self) -> int:
         return len(self._items)

@@ -208,6 +208,24 @@ SERIALIZATION_ERRORS = counter(
     "reason",
 )
 
+NEAR_HITS = counter(
+    "apee_cache_near_hits",
+    "get/get_many keys answered from process memory (the near cache).",
+)
+NEAR_EVICTIONS = counter(
+    "apee_cache_near_evictions",
+    "Near-cache entries dropped to stay within MAX_ENTRIES and MAX_BYTES.",
+)
+NEAR_INVALIDATIONS = counter(
+    "apee_cache_near_invalidations",
+    "Near-cache entries dropped because their key was written or deleted.",
+)
+NEAR_FLUSHES = counter(
+    "apee_cache_near_flushes",
+    "Times a near cache was emptied: clear(), FLUSHDB, or tracking lost or "
+    "re-established.",
+)
+
 #: What each labelled family's series are initialised with.
 KNOWN_LABELS: dict[str, tuple[str, ...]] = {
     COMPUTES.name: OUTCOMES,
@@ -328,7 +346,7 @@ class AliasMetrics:
     """The engine's event sink for one alias: every family's child, resolved once.
 
     ``labels()`` costs more than ``inc()``; the hit path only calls the
-    latter. Satisfies ``engine.protocol.Events``.
+    latter. Satisfies ``engine.protocol.Events`` and ``core.near.NearEvents``.
     """
 
     def __init__(self, alias: str) -> None:
@@ -343,6 +361,10 @@ class AliasMetrics:
         self.redis_errors = REDIS_ERRORS.labels(cache=alias)
         self.compute_seconds = COMPUTE_SECONDS.labels(cache=alias)
         self.lease_wait_seconds = LEASE_WAIT_SECONDS.labels(cache=alias)
+        self.near_hits = NEAR_HITS.labels(cache=alias)
+        self.near_evictions = NEAR_EVICTIONS.labels(cache=alias)
+        self.near_invalidations = NEAR_INVALIDATIONS.labels(cache=alias)
+        self.near_flushes = NEAR_FLUSHES.labels(cache=alias)
 
     def computed(self, outcome: str) -> None:
         COMPUTES.labels(cache=self.alias, outcome=outcome).inc()

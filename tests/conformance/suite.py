@@ -1,4 +1,5 @@
-"""Django's ``BaseCacheTests``, run against ApeeCache with default options.
+"""Django's ``BaseCacheTests``, run against ApeeCache with default options,
+and again with the near cache on.
 
 Collected only when named on the command line with the conformance settings
 (see the README's test command); ``fetch.py`` provides Django's tests. Tests we
@@ -39,6 +40,25 @@ class ApeeCacheConformanceTests(BaseCacheTests, TestCase):  # type: ignore[misc]
 for _name, _reason in DIFFERENCES.items():
     setattr(
         ApeeCacheConformanceTests,
+        _name,
+        unittest.expectedFailure(getattr(BaseCacheTests, _name)),
+    )
+
+
+@override_settings(
+    CACHES=caches_setting_for_tests(
+        base={**APEE, "OPTIONS": {"NEAR_CACHE": True}},
+        exclude={"cull", "zero_cull"},
+    )
+)
+class ApeeNearCacheConformanceTests(BaseCacheTests, TestCase):  # type: ignore[misc]
+    """The same tests with the near cache on: reads served from process
+    memory must keep every promise a Redis read keeps."""
+
+
+for _name, _reason in DIFFERENCES.items():
+    setattr(
+        ApeeNearCacheConformanceTests,
         _name,
         unittest.expectedFailure(getattr(BaseCacheTests, _name)),
     )

@@ -114,3 +114,40 @@ def test_manage_py_check_names_a_typo_and_its_fix(capsys):
     err = capsys.readouterr().err
     assert "apee.W003" in err
     assert "Did you mean 'SOFT_TIMEOUT_RATIO'?" in err
+
+
+def test_near_cache_is_off_by_default_and_true_means_the_defaults():
+    assert parse({})[0].near_cache is None
+    assert parse({"NEAR_CACHE": False})[0].near_cache is None
+    on = parse({"NEAR_CACHE": True})[0].near_cache
+    assert on is not None
+    assert (on.max_entries, on.max_bytes) == (10_000, 64 * 1024 * 1024)
+
+
+def test_near_cache_bounds_are_parsed_and_a_missing_one_defaults():
+    parsed, problems = parse({"NEAR_CACHE": {"MAX_ENTRIES": 5}})
+    assert problems == []
+    assert parsed.near_cache is not None
+    assert (parsed.near_cache.max_entries, parsed.near_cache.max_bytes) == (
+        5,
+        64 * 1024 * 1024,
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "yes",
+        1,
+        {"MAX_ENTRIES": 0},
+        {"MAX_BYTES": -1},
+        {"MAX_BYTES": 1.5},
+        {"MAX_ENTRIES": True},
+        {"MAX_ENTRYS": 10},
+    ],
+)
+def test_a_bad_near_cache_is_apee_e006(value):
+    _, problems = parse({"NEAR_CACHE": value})
+    assert [problem.id for problem in problems][:1] == ["apee.E006"]
+    with pytest.raises(ImproperlyConfigured, match="NEAR_CACHE"):
+        ApeeOptions.from_params({"NEAR_CACHE": value})

@@ -1,0 +1,217 @@
+"""The near cache: hot values served from process memory, kept coherent.
+
+One :class:`Near` per process and alias configuration (it lives in the
+alias's runtime). A plain ``get``/``get_many`` asks it first; what it cannot
+answer is read from Redis as usual and offered back with ``fill``. Writes and
+deletes made by this process ``forget`` their keys at once; every other
+change reaches it through ``store/tracking.py``.
+
+What an entry keeps, and why. A near hit must be cheap and must not hand
+two callers the same mutable object (callers mutate the dicts they get).
+So an entry keeps the envelope's payload *after* its MAC was verified and
+it was decompressed, and each read unpickles or unpacks it anew: for the
+small and mid-sized values a near cache is for, that is a few microseconds,
+cheaper than a deep copy, and no check is repeated. Raw integers (stored
+unsigned so INCR works) are kept as the int itself.
+
+Freshness is still the envelope's: when an entry is filled, the read's
+PTTL and metadata give the instant (on this process's monotonic clock) at
+which ``policy.state`` stops calling it FRESH, found by bisection on that
+function (its answer never moves backwards as an entry ages). A near hit is
+served only before that instant, which is never later than its soft timeout
+nor than its PTTL, measured from when the read was *sent*: the PTTL Redis
+answered was taken later, so the local deadline errs early. Past it, the
+read goes to Redis, where herd mode, XFetch and stale-while-revalidate
+decide as they do without a near cache. So a near hit never serves past
+the hard timeout, and never serves what a Redis read would have refreshed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from django_apee.core import MISSING, policy
+from django_apee.core.near import ENTRY_OVERHEAD, Limits, NearEvents, NearStore
+from django_apee.core.wire import DecodeError
+from django_apee.store.tracking import Tracker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from redis.connection import AbstractConnection
+
+    from django_apee.core.envelope import Envelope, Meta
+    from django_apee.core.near import Ticket
+
+#: Entry kinds: the value itself (immutable), or a payload loaded per read.
+VALUE, PAYLOAD = 0, 1
+FOREVER = float("inf")
+
+
+def fresh_left_ms(meta: Meta | None, pttl_ms: int, rules: policy.Policy) -> float:
+    """How much longer an entry read with ``meta`` and ``pttl_ms`` stays FRESH.
+
+    ``FOREVER`` for an entry that never goes stale (no metadata, persistent);
+    0 for one that is not FRESH now, or whose early refresh is drawn per read
+    (no stored seed but a known compute time), which the near cache leaves to
+    Redis reads. Never more than ``pttl_ms`` when the key has a TTL.
+    """
+    cap = FOREVER if pttl_ms < 0 else float(pttl_ms)
+    if meta is None or meta.hard_ms == 0 or pttl_ms < 0:
+        return cap
+    if meta.seed == 0 and meta.delta_ms:
+        return 0.0
+    rand = policy.xfetch_rand(meta, 0.0)
+
+    def fresh(left: int) -> bool:
+        return policy.state(meta, left, policy=rules, rand=rand) is policy.State.FRESH
+
+    if not fresh(pttl_ms):
+        return 0.0
+    good, bad = 0, pttl_ms  # fresh after ``good`` ms more; not after ``bad``
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if fresh(pttl_ms - middle):
+            good = middle
+        else:
+            bad = middle
+    return min(float(good), cap)
+
+
+class Near:
+    """The near cache of one alias in one process."""
+
+    def __init__(
+        self,
+        limits: Limits,
+        envelope: Envelope,
+        rules: policy.Policy,
+        connect: Callable[[], AbstractConnection],
+        prefix: str,
+        events: NearEvents,
+    ) -> None:
+        self.store = NearStore(limits)
+        self.envelope = envelope
+        self.rules = rules
+        self.events = events
+        self.tracker = Tracker(connect, prefix, self._invalidated, self._reset)
+        self.flushes = 0
+
+    # -- the hit path ---------------------------------------------------------
+
+    def lookup(self, made: str) -> Any:
+        """The value near-cached under ``made``, or MISSING (ask Redis)."""
+        entry = self.store.get(made)
+        if entry is None:
+            return MISSING
+        now = time.monotonic()
+        fresh_until, kind, codec, payload = entry
+        if now >= fresh_until or not self.tracker.live(now):
+            return MISSING
+        if kind == VALUE:
+            value = payload
+        else:
+            try:
+                value = self.envelope.load(codec, payload)
+            except DecodeError:
+                self.store.invalidate([made])
+                return MISSING
+        self.events.near_hits.inc()
+        return value
+
+    # -- filling ------------------------------------------------------------
+
+    def reserve(self, made: str) -> Ticket | None:
+        """A ticket to fill ``made`` with the read about to be sent, or None
+        while invalidations are not confirmed to arrive."""
+        tracker = self.tracker
+        tracker.ensure()
+        if not tracker.live(time.monotonic()):
+            return None
+        return self.store.reserve(made)
+
+    def fill(self, ticket: Ticket, raw: Any, pttl_ms: int, sent_at: float) -> None:
+        """Keep what a read sent at ``sent_at`` found under ``ticket.key``.
+
+        ``raw`` is the stored bytes (falsy: absent), ``pttl_ms`` the key's
+        PTTL read with them. Unreadable bytes are not kept (the Redis read
+        counts them); nor is anything that is not FRESH.
+        """
+        entry = self._entry(ticket.key, raw, pttl_ms, sent_at)
+        if entry is None:
+            self.store.release(ticket)
+            return
+        size = ENTRY_OVERHEAD + len(ticket.key) + _size(entry[3])
+        self.store.fill(ticket, entry, size)
+        evicted = self.store.take_evictions()
+        if evicted:
+            self.events.near_evictions.inc(evicted)
+
+    def _entry(
+        self, made: str, raw: Any, pttl_ms: int, sent_at: float
+    ) -> tuple[float, int, int, Any] | None:
+        if not raw or pttl_ms == -2:
+            return None
+        if isinstance(raw, str):
+            raw = raw.encode()
+        payload: Any
+        try:
+            codec, meta, payload = self.envelope.open(raw, key=made)
+        except DecodeError:
+            try:
+                value = self.envelope.decode(raw, key=made).value
+            except DecodeError:
+                return None
+            if type(value) is not int:
+                return None
+            kind, codec, payload, meta = VALUE, 0, value, None
+        else:
+            kind = PAYLOAD
+        left = fresh_left_ms(meta, pttl_ms, self.rules)
+        if left <= 0:
+            return None
+        return (sent_at + left / 1000.0, kind, codec, payload)
+
+    # -- forgetting -----------------------------------------------------------
+
+    def forget(self, made_keys: Iterable[str]) -> None:
+        """This process wrote or deleted ``made_keys``: drop them now."""
+        removed = self.store.invalidate(made_keys)
+        if removed:
+            self.events.near_invalidations.inc(removed)
+
+    def clear(self) -> None:
+        """Everything goes (``cache.clear()``, a lost tracking connection)."""
+        self.store.flush()
+        self.flushes += 1
+        self.events.near_flushes.inc()
+
+    def close(self) -> None:
+        """Stop tracking and serve nothing more (the configuration is gone)."""
+        self.tracker.stop()
+        self.store.flush()
+
+    def _invalidated(self, keys: list[str] | None) -> None:
+        if keys is None:
+            self.clear()
+        else:
+            self.forget(keys)
+
+    def _reset(self) -> None:
+        self.clear()
+
+    # -- figures ------------------------------------------------------------
+
+    def figures(self) -> dict[str, Any]:
+        """This process's near cache now (JSON-ready), for apee_stats and tests."""
+        return {
+            **self.store.figures(),
+            "flushes": self.flushes,
+            "tracking": self.tracker.live(time.monotonic()),
+            "tracking_losses": self.tracker.losses,
+        }
+
+
+def _size(payload: Any) -> int:
+    return len(payload) if isinstance(payload, (bytes, bytearray)) else 32

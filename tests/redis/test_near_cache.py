@@ -1,0 +1,141 @@
+"""The near cache through a real ApeeCache on the session's redis-server.
+
+Coherence is asserted as orderings and bounded waits (a loaded machine may
+be slow, never wrong); timings are in ``bench/nearcache.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import redis
+
+from django_apee.cache import ApeeCache
+from django_apee.core import MISSING
+from tests.conftest import Made
+
+#: The longest any test waits for something that should take milliseconds.
+BOUND = 10.0
+
+
+def eventually(condition: Callable[[], bool], bound: float = BOUND) -> bool:
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.002)
+    return condition()
+
+
+def near_of(cache: ApeeCache):  # type: ignore[no-untyped-def]
+    near = cache.runtime.near
+    assert near is not None
+    return near
+
+
+def warm(cache: ApeeCache, key: str) -> None:
+    """Read ``key`` until it is served from process memory."""
+    near = near_of(cache)
+    made = cache.client.make_key(key)
+
+    def served() -> bool:
+        cache.get(key)
+        return near.store.get(made) is not None and near.tracker.live(time.monotonic())
+
+    assert eventually(served), near.figures()
+
+
+@pytest.fixture
+def near_cache(make_cache: Made) -> ApeeCache:
+    return make_cache(NEAR_CACHE=True)[1]
+
+
+def test_a_hit_is_served_from_memory_and_not_shared(near_cache: ApeeCache) -> None:
+    near_cache.set("k", {"a": [1, 2]}, 60)
+    warm(near_cache, "k")
+    hits = near_of(near_cache).events.near_hits
+    first = near_cache.get("k")
+    first["a"].append(3)  # callers mutate what they get
+    assert near_cache.get("k") == {"a": [1, 2]}
+    assert near_cache.get_many(["k", "absent"]) == {"k": {"a": [1, 2]}}
+    assert hits is near_of(near_cache).events.near_hits
+
+
+def test_another_clients_write_and_delete_are_seen(
+    near_cache: ApeeCache, raw_redis: redis.Redis
+) -> None:
+    near_cache.set("k", "old", 60)
+    warm(near_cache, "k")
+    made = near_cache.client.make_key("k")
+    raw_redis.set(made, b"7")  # a raw int, as another process's incr leaves it
+    assert eventually(lambda: near_cache.get("k") == 7)
+    warm(near_cache, "k")
+    raw_redis.delete(made)
+    assert eventually(lambda: near_cache.get("k") is None)
+
+
+def test_own_writes_are_read_at_once(near_cache: ApeeCache) -> None:
+    near_cache.set("k", 1, 60)
+    warm(near_cache, "k")
+    for value in range(2, 50):
+        near_cache.set("k", value, 60)
+        assert near_cache.get("k") == value  # no wait: forgotten locally
+    near_cache.delete("k")
+    assert near_cache.get("k") is None
+    near_cache.set_many({"a": 1, "b": 2}, 60)
+    warm(near_cache, "a")
+    near_cache.set_many({"a": 3}, 60)
+    assert near_cache.get("a") == 3
+    near_cache.incr("a")
+    assert near_cache.get("a") == 4
+    near_cache.delete_many(["a"])
+    assert near_cache.get("a") is None
+
+
+def test_nothing_is_served_past_its_soft_timeout(near_cache: ApeeCache) -> None:
+    """A near entry stops at the instant its Redis read would stop being
+    FRESH: never later than the soft (so the hard) timeout."""
+    near_cache.set("k", "v", 1.0)  # soft timeout 0.95 s
+    warm(near_cache, "k")
+    made = near_cache.client.make_key("k")
+    fresh_until = near_of(near_cache).store.get(made)[0]
+    assert fresh_until - time.monotonic() <= 0.95
+    time.sleep(max(0.0, fresh_until - time.monotonic()) + 0.01)
+    assert near_of(near_cache).lookup(made) is MISSING
+
+
+def test_killing_the_tracking_connection_flushes(
+    near_cache: ApeeCache, raw_redis: redis.Redis
+) -> None:
+    near_cache.set("k", "old", 60)
+    warm(near_cache, "k")
+    near = near_of(near_cache)
+    losses = near.tracker.losses
+    raw_redis.client_kill_filter(_id=near.tracker.client_id)
+    # Written while this process hears nothing.
+    raw_redis.set(near_cache.client.make_key("k"), b"2")
+    assert eventually(lambda: near.tracker.losses > losses)
+    assert near_cache.get("k") == 2
+    warm(near_cache, "k")  # and it comes back
+    assert near_cache.get("k") == 2
+
+
+def test_flushdb_empties_it(near_cache: ApeeCache, raw_redis: redis.Redis) -> None:
+    near_cache.set("k", "v", 60)
+    warm(near_cache, "k")
+    raw_redis.flushdb()
+    assert eventually(lambda: near_cache.get("k") is None)
+
+
+def test_off_by_default_and_the_plain_client_is_kept(make_cache: Made) -> None:
+    _, cache = make_cache()
+    assert cache.runtime.near is None
+    assert "Near" not in type(cache.client).__name__
+
+
+def test_tracking_prefix_is_the_key_prefix(near_cache: ApeeCache) -> None:
+    from django_apee.runtime import tracking_prefix
+
+    assert tracking_prefix(near_cache) == f"{near_cache.key_prefix}:"
