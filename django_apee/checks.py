@@ -37,6 +37,7 @@ def register() -> None:
     checks.register(check_redis, "caches", deploy=True)
     checks.register(check_legacy_reads, "caches", "security", deploy=True)
     checks.register(check_wake_channel, "caches", deploy=True)
+    checks.register(check_holder_checks, "caches", deploy=True)
 
 
 def _apee_caches() -> dict[str, dict[str, Any]]:
@@ -200,4 +201,49 @@ def _denied_on(client: Any, channel: str) -> list[str]:
         client.publish(channel, "")
     except NoPermissionError:
         denied.append("PUBLISH")
+    return denied
+
+
+def check_holder_checks(**kwargs: Any) -> list[checks.CheckMessage]:
+    """apee.W007: the alias's Redis user may not run CLIENT ID / CLIENT LIST.
+
+    Without them a lease whose holder process died is taken over only when
+    it expires, not at once (``store/holder.py``). Asked through the
+    backend's own connection; skipped for aliases with ``HOLDER_CHECK = 0``
+    and when Redis cannot be reached (apee.W001 says so).
+    """
+    found: list[checks.CheckMessage] = []
+    for alias in _apee_caches():
+        denied: list[str] = []
+        try:
+            backend = caches[alias]
+            client = backend.client.get_client(write=True)
+            if backend.options.tuning.holder_check:
+                denied = _holder_commands_denied(client)
+        except Exception:  # unreachable, misconfigured: said elsewhere
+            denied = []
+        if denied:
+            found.append(
+                checks.Warning(
+                    f"the Redis user {acl_user(client)!r} may not run "
+                    f"{' or '.join(denied)}: a lease whose holder process died "
+                    "is taken over only when it expires (up to the lease's "
+                    "length), not at once.",
+                    hint="Grant it: ACL SETUSER <user> +client|id +client|list "
+                    "(or set HOLDER_CHECK to 0 to accept expiry).",
+                    obj=alias,
+                    id="apee.W007",
+                )
+            )
+    return found
+
+
+def _holder_commands_denied(client: Any) -> list[str]:
+    """Which of CLIENT ID and CLIENT LIST the user is refused (NOPERM)."""
+    denied: list[str] = []
+    for command in (("CLIENT", "ID"), ("CLIENT", "LIST", "ID", "0")):
+        try:
+            client.execute_command(*command)
+        except NoPermissionError:
+            denied.append(" ".join(command[:2]))
     return denied

@@ -67,9 +67,9 @@ APEE_OPTIONS = frozenset(
     {
         "ALLOW_PICKLE", "BREAKER_COOLDOWN", "BREAKER_THRESHOLD", "CODEC",
         "COLD_MISS_WAIT", "COMPRESSION", "COMPRESS_LEVEL", "COMPRESS_MIN_BYTES",
-        "HERD", "HERD_EXCLUDE", "LEASE_MAX", "LEASE_MIN", "LEASE_TIMEOUT",
-        "LEGACY_READS", "LEGACY_READS_UNTIL", "MAX_VALUE_BYTES", "METRICS",
-        "NEAR_CACHE", "REDIS_RETRIES", "REFRESH", "REFRESH_WORKERS",
+        "HERD", "HERD_EXCLUDE", "HOLDER_CHECK", "LEASE_MAX", "LEASE_MIN",
+        "LEASE_TIMEOUT", "LEGACY_READS", "LEGACY_READS_UNTIL", "MAX_VALUE_BYTES",
+        "METRICS", "NEAR_CACHE", "REDIS_RETRIES", "REFRESH", "REFRESH_WORKERS",
         "SOFT_TIMEOUT_RATIO", "STATS_FLUSH_INTERVAL", "WAIT_TIMEOUT", "XFETCH_BETA",
     }
 )  # fmt: skip
@@ -421,6 +421,7 @@ def _tuning(read: _Reader) -> Tuning:
         herd=read.flag("HERD", True),
         herd_exclude=HERD_EXCLUDE_DEFAULT + read.prefixes("HERD_EXCLUDE"),
         cold_miss_wait=read.number("COLD_MISS_WAIT", 0.0, 0),
+        holder_check=read.number("HOLDER_CHECK", 0.1, 0),
         # A background refresh may open database connections in its pool
         # thread; close them there (close_all acts on this thread's only).
         thread_done=connections.close_all,

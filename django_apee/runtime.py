@@ -24,6 +24,7 @@ from django_apee.engine.stampede import Coordinator
 from django_apee.observe import metrics
 from django_apee.store import fleet
 from django_apee.store.clock import RedisClock
+from django_apee.store.holder import Identity
 from django_apee.store.near import Near
 from django_apee.store.tracking import tracking_connection
 from django_apee.store.wake import WakeHub, wake_channel
@@ -71,10 +72,20 @@ class Runtime:
         #: Wake-ups of the alias's KEY_PREFIX only: other apps on the same
         #: Redis neither hear its key names nor wake its waiters.
         self.hub = WakeHub(self.store.connection, wake_channel(backend.key_prefix))
+        #: This process's identity connection: leases taken here name its
+        #: Redis client id, so other processes can tell when this one died.
+        self.identity = Identity(self.store.connection)
         self.coordinator = Coordinator(
-            self.store, self.hub, options.tuning, self.events, clock=self.clock
+            self.store,
+            self.hub,
+            options.tuning,
+            self.events,
+            clock=self.clock,
+            identity=self.identity,
         )
-        self.herd = Herd(self.store, self.hub, options.tuning, self.events)
+        self.herd = Herd(
+            self.store, self.hub, options.tuning, self.events, self.identity
+        )
         #: The near cache (OPTIONS NEAR_CACHE), None when off.
         self.near = _near(backend, self) if options.near_cache else None
         fleet.register(

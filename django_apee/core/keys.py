@@ -61,14 +61,20 @@ def same_slot(value_key: str) -> bool:
     return hash_tag(value_key) is not None or bool(value_key and "}" not in value_key)
 
 
-def lease_token() -> str:
+def lease_token(holder_id: int | None = None) -> str:
     """A lease's token: who holds it and since when, then 64 random bits.
 
     Only equality matters to the lease scripts; the readable part lets
     ``apee_stats`` name a lease's holder (host and pid) and its age. The time
     is the holder's clock, so an age is only as good as the hosts' clock sync.
+
+    ``holder_id`` is the Redis ``CLIENT ID`` of the holder process's identity
+    connection (``store/holder.py``), appended as ``@<id>``: a waiter that
+    finds no such client on the server knows the holder's process is gone
+    and may take the lease over at once (``lease_holder_id``).
     """
-    return f"{_HOST}:{os.getpid()}:{int(time.time() * 1000)}:{secrets.token_hex(8)}"
+    token = f"{_HOST}:{os.getpid()}:{int(time.time() * 1000)}:{secrets.token_hex(8)}"
+    return token if holder_id is None else f"{token}@{holder_id}"
 
 
 def parse_lease_token(token: str) -> tuple[str, int, int] | None:
@@ -77,3 +83,19 @@ def parse_lease_token(token: str) -> tuple[str, int, int] | None:
     if len(parts) != 4 or not parts[1].isdigit() or not parts[2].isdigit():
         return None
     return parts[0], int(parts[1]), int(parts[2])
+
+
+def lease_holder_id(token: str | bytes | None) -> int | None:
+    """The Redis client id a lease token names (``lease_token``), or None.
+
+    None for tokens without one (written by a version that did not record
+    it, or by a holder whose identity connection was unavailable): for
+    those, only the lease's expiry ends a dead holder's claim.
+    """
+    if token is None:
+        return None
+    text = token.decode("ascii", "replace") if isinstance(token, bytes) else token
+    head, at, tail = text.rpartition("@")
+    if not at or not head or not tail.isdigit() or len(tail) > 20:
+        return None
+    return int(tail)

@@ -49,6 +49,7 @@ from django_apee.store.errors import REDIS_ERRORS
 if TYPE_CHECKING:
     from django_apee.core.envelope import Meta
     from django_apee.engine.protocol import Events, Store, Tuning
+    from django_apee.store.holder import Identity
     from django_apee.store.wake import WakeHub
 
 #: How long this process remembers a lease it won, waiting for its write.
@@ -91,13 +92,27 @@ class Herd:
     """Herd-mode state shared by the threads of one process for one alias."""
 
     def __init__(
-        self, store: Store, hub: WakeHub, tuning: Tuning, events: Events
+        self,
+        store: Store,
+        hub: WakeHub,
+        tuning: Tuning,
+        events: Events,
+        identity: Identity | None = None,
     ) -> None:
         self.tuning = tuning
         self.rules = tuning.policy
         #: Herd mode proper: a stale plain-set entry misses for one reader.
         self.stale_misses = tuning.herd
-        self.waiting = Waiting(store, hub, tuning.policy, events)
+        # Leases always on the primary (``store.connection``); the identity
+        # lets cold-miss waiters take over from a reader whose process died.
+        self.waiting = Waiting(
+            store,
+            hub,
+            tuning.policy,
+            events,
+            identity=identity,
+            holder_check_s=tuning.holder_check,
+        )
         self.events = events
         self._claims: ExpiringMemo[Claim] = ExpiringMemo()
         self._absent: ExpiringMemo[bool] = ExpiringMemo()

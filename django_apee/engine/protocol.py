@@ -60,6 +60,8 @@ class Events(Protocol):
     herd_misses: Counter
     lease_renewals: Counter
     lease_lost: Counter
+    #: Leases taken over from a holder whose Redis client was gone.
+    lease_takeovers: Counter
     redis_errors: Counter
     compute_seconds: Histogram
     lease_wait_seconds: Histogram
@@ -92,6 +94,9 @@ class Tuning:
     herd_exclude: tuple[str, ...] = ()
     #: Seconds a plain get of an absent key waits for its first reader.
     cold_miss_wait: float = 0.0
+    #: Seconds between a waiter's looks at whether the lease holder's Redis
+    #: client still exists (``core/takeover.py``); 0: never look.
+    holder_check: float = 0.1
     #: Run at the end of a background refresh thread's work (the Django
     #: surface closes the thread's database connections there).
     thread_done: Callable[[], None] = _nothing

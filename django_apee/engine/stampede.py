@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from django_apee.core import MISSING, policy, to_milliseconds
+from django_apee.core import MISSING, policy, takeover, to_milliseconds
 from django_apee.core.breaker import CircuitBreaker
 from django_apee.core.envelope import Meta
 from django_apee.core.singleflight import (
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from django_apee.engine.protocol import Events, Store, Tuning
     from django_apee.store.clock import RedisClock
+    from django_apee.store.holder import Identity
     from django_apee.store.wake import WakeHub
 
 logger = logging.getLogger("django_apee")
@@ -113,6 +114,7 @@ class Coordinator:
         events: Events,
         *,
         clock: RedisClock | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.store = store
         #: Redis's clock (``store/clock.py``): entries are stamped with it,
@@ -126,7 +128,13 @@ class Coordinator:
             threshold=tuning.breaker_threshold, cooldown=tuning.breaker_cooldown
         )
         self.waiting = Waiting(
-            store, hub, tuning.policy, events, on_redis_error=self.breaker.failure
+            store,
+            hub,
+            tuning.policy,
+            events,
+            on_redis_error=self.breaker.failure,
+            identity=identity,
+            holder_check_s=tuning.holder_check,
         )
         self._refreshing: set[str] = set()
         self._lock = threading.Lock()
@@ -335,7 +343,7 @@ class Coordinator:
 
     def _lease_ms(self, previous: Meta | None) -> int:
         delta = previous.delta_ms if previous is not None else None
-        return policy.lease_ms(delta or None, self.rules)
+        return takeover.renewed_lease_ms(delta or None, self.rules)
 
 
 class _Fallback(Exception):

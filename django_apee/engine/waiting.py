@@ -14,6 +14,11 @@ and compute it here? Both answer it with :meth:`Waiting.wait`:
    finds both, and computing again would be a second compute for one expiry.
 4. Neither: sleep until woken, timed to the holder's lease (a dead holder
    sends no wake-up) and never past the caller's deadline.
+5. While waiting, every ``HOLDER_CHECK`` seconds: is the holder's Redis
+   client still there (``store/holder.py``, ``core/takeover.py``)? If not,
+   its process is gone: take the lease over at once, compare-and-swap on
+   the dead holder's token, rather than sleep to its lease's end. A holder
+   that is alive but stuck is still ended by its lease's expiry.
 
 The loop ends with a value (:class:`Landed`), a lease (:class:`Won`) or the
 deadline (:class:`TimedOut`); what to do then is the caller's policy. Redis
@@ -30,15 +35,19 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from django_apee.core import MISSING, policy
+from django_apee.core import MISSING, keys, policy, takeover
 from django_apee.core.memo import ExpiringMemo
 from django_apee.store import lease
 from django_apee.store.errors import REDIS_ERRORS
+from django_apee.store.holder import HolderCheck
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from redis import Redis
+
     from django_apee.engine.protocol import Events, Store
+    from django_apee.store.holder import Identity
     from django_apee.store.wake import WakeHub
 
 
@@ -75,12 +84,22 @@ class Waiting:
         rules: policy.Policy,
         events: Events,
         on_redis_error: Callable[[], None] | None = None,
+        *,
+        identity: Identity | None = None,
+        holder_check_s: float = takeover.DEFAULT_INTERVAL_S,
     ) -> None:
         self.store = store
         self.hub = hub
         self.rules = rules
         self.events = events
         self._on_redis_error = on_redis_error
+        #: This process's identity on the alias's Redis: leases taken here
+        #: name its client id (None: they name nobody, and a dead holder
+        #: here is ended by its lease's expiry only).
+        self.identity = identity
+        #: Seconds between looks at a lease holder's client; 0: never look.
+        self.holder_check_s = holder_check_s if identity is not None else 0.0
+        self.holders = HolderCheck()
         #: value key -> identity of the entry (its seed, or a hash of its
         #: bytes) whose lease another process holds, until that lease ends.
         #: Tied to the entry: the memo is not applied to its successor.
@@ -109,6 +128,9 @@ class Waiting:
         client = self.store.connection()
         waited = 0.0
         woken = False
+        started = time.monotonic()
+        last_check: float | None = None
+        dead: str | None = None  # the token of a holder found gone
         try:
             while True:
                 event = self.hub.expect(made)
@@ -117,30 +139,60 @@ class Waiting:
                         value = self.servable(made, *lease.read(client, made))
                         if value is not MISSING:
                             return Landed(value, waited)
-                    attempt = lease.acquire(
-                        client, made, lease_ms, channel=self.hub.channel
-                    )
+                    attempt = self._acquire(client, made, lease_ms, dead)
+                    dead = None
                     value = self.servable(made, attempt.raw, attempt.pttl_ms)
                     if value is not MISSING:
                         if attempt.lease is not None:
                             self.release_quietly(attempt.lease)
                         return Landed(value, waited)
                     if attempt.lease is not None:
+                        if attempt.took_over:
+                            self.events.lease_takeovers.inc()
                         return Won(attempt.lease, waited)
-                    remaining_ms = int((deadline - time.monotonic()) * 1000)
+                    now = time.monotonic()
+                    remaining_ms = int((deadline - now) * 1000)
                     if remaining_ms <= 0:
                         return TimedOut(waited)
-                    started = time.monotonic()
-                    event.wait(
+                    holder_id = keys.lease_holder_id(attempt.holder)
+                    due = takeover.next_check(started, last_check, self.holder_check_s)
+                    if takeover.should_check(
+                        now, due, holder_id, attempt.lease_pttl_ms, self.holder_check_s
+                    ):
+                        assert holder_id is not None
+                        last_check = now
+                        due = takeover.next_check(started, now, self.holder_check_s)
+                        if self.holders.alive(client, holder_id) is False:
+                            dead = attempt.holder  # try to take it over, now
+                            continue
+                    lease_wait_s = (
                         policy.wait_ms(attempt.lease_pttl_ms, remaining_ms) / 1000
                     )
-                    waited += time.monotonic() - started
-                    woken = True
+                    pause = (
+                        takeover.pause_s(now, due, lease_wait_s)
+                        if holder_id is not None
+                        else lease_wait_s
+                    )
+                    event.wait(pause)
+                    waited += time.monotonic() - now
+                    woken = event.is_set()
                 finally:
                     self.hub.done(made, event)
         finally:
             if waited:
                 self.events.lease_wait_seconds.observe(waited)
+
+    def _acquire(
+        self, client: Redis, made: str, lease_ms: int, dead: str | None
+    ) -> lease.Attempt:
+        return lease.acquire(
+            client,
+            made,
+            lease_ms,
+            channel=self.hub.channel,
+            identity=self.identity,
+            dead=dead,
+        )
 
     # -- leases nobody writes under ---------------------------------------------
 
@@ -156,9 +208,7 @@ class Waiting:
         if self.held_elsewhere.get(made, now) == identity:
             return None
         try:
-            attempt = lease.acquire(
-                self.store.connection(), made, lease_ms, channel=self.hub.channel
-            )
+            attempt = self._acquire(self.store.connection(), made, lease_ms, None)
         except REDIS_ERRORS:
             self.redis_failed()
             return None

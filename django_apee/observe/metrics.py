@@ -188,6 +188,10 @@ LEASE_LOST = counter(
     "apee_cache_lease_lost",
     "Computations whose lease was gone when they finished (nothing stored).",
 )
+LEASE_TAKEOVERS = counter(
+    "apee_cache_lease_takeovers",
+    "Leases taken over at once because their holder's Redis client was gone.",
+)
 FALLBACKS = counter(
     "apee_cache_fallbacks",
     "Values computed without the cache's coordination, by reason.",
@@ -358,6 +362,7 @@ class AliasMetrics:
         self.herd_misses = HERD_MISSES.labels(cache=alias)
         self.lease_renewals = LEASE_RENEWALS.labels(cache=alias)
         self.lease_lost = LEASE_LOST.labels(cache=alias)
+        self.lease_takeovers = LEASE_TAKEOVERS.labels(cache=alias)
         self.redis_errors = REDIS_ERRORS.labels(cache=alias)
         self.compute_seconds = COMPUTE_SECONDS.labels(cache=alias)
         self.lease_wait_seconds = LEASE_WAIT_SECONDS.labels(cache=alias)

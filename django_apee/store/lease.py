@@ -1,10 +1,13 @@
 """The lease: who recomputes an entry, and how everyone else learns it landed.
 
 * ``acquire`` takes an entry's lease (``SET NX PX`` with a random token) and
-  reads the value in the same round trip.
+  reads the value in the same round trip; given the token of a holder found
+  dead (``holder.py``), it takes that lease over, compare-and-swap.
 * ``Renewer`` is one thread per process that extends every lease held in that
   process with an owner-checked ``PEXPIRE``, so a long computation keeps its
   lease without a thread per lease, and a lost lease is noticed, not revived.
+  Renewals go over the process's identity connection, the one whose client
+  id the lease names: it is kept busy, and so alive, by them.
 * ``release`` is the fenced end: write only if the lease is still ours, free
   it and publish a wake-up, atomically (``lua/release.lua``).
 
@@ -28,6 +31,8 @@ from django_apee.store import scripts
 if TYPE_CHECKING:
     from redis import Redis
 
+    from django_apee.store.holder import Identity
+
 logger = logging.getLogger("django_apee")
 
 
@@ -45,6 +50,9 @@ class Lease:
     lost: threading.Event = field(default_factory=threading.Event)
     renewals: int = 0
     next_renewal: float = 0.0
+    #: The process identity whose client id the token names; renewals run
+    #: on its connection. None: renewals use ``client``.
+    identity: Identity | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,11 @@ class Attempt:
     lease_pttl_ms: int
     raw: bytes | None
     pttl_ms: int
+    #: The current holder's token when the lease was not taken (it names the
+    #: holder's client id), else None.
+    holder: str | None = None
+    #: The lease was taken over from a holder found dead.
+    took_over: bool = False
 
 
 def read(client: Redis, value_key: str) -> tuple[bytes | None, int]:
@@ -63,23 +76,52 @@ def read(client: Redis, value_key: str) -> tuple[bytes | None, int]:
     return (raw or None), int(pttl)
 
 
-def acquire(client: Redis, value_key: str, lease_ms: int, *, channel: str) -> Attempt:
+def acquire(
+    client: Redis,
+    value_key: str,
+    lease_ms: int,
+    *,
+    channel: str,
+    identity: Identity | None = None,
+    dead: str | None = None,
+) -> Attempt:
     """Try to take the lease of ``value_key``; read the value meanwhile.
 
     ``channel`` is where the lease's release wakes its waiters: the wake-up
     channel of the alias's KEY_PREFIX, the one its waiters listen on.
+    ``identity``: the token names its client id, so waiters can tell when
+    this process is gone. ``dead``: the token of a holder whose client is
+    gone; the lease is taken over if it is still that one.
     """
     lease_key = keys.companion(value_key, keys.LEASE)
-    token = keys.lease_token()
-    held, lease_pttl, raw, pttl = scripts.run(
-        client, "acquire", keys=[value_key, lease_key], args=[token, lease_ms]
+    holder_id = identity.client_id() if identity is not None else None
+    token = keys.lease_token(holder_id)
+    reply = scripts.run(
+        client,
+        "acquire",
+        keys=[value_key, lease_key],
+        args=[token, lease_ms, dead or ""],
     )
+    held, lease_pttl, raw, pttl = reply[:4]
+    holder = reply[4] if len(reply) > 4 else None
     lease = (
-        Lease(client, value_key, lease_key, token, lease_ms, channel)
+        Lease(
+            client,
+            value_key,
+            lease_key,
+            token,
+            lease_ms,
+            channel,
+            identity=identity if holder_id is not None else None,
+        )
         if int(held)
         else None
     )
-    return Attempt(lease, int(lease_pttl), raw or None, int(pttl))
+    if isinstance(holder, bytes):
+        holder = holder.decode("utf-8", "replace")
+    return Attempt(
+        lease, int(lease_pttl), raw or None, int(pttl), holder or None, int(held) == 2
+    )
 
 
 def release(lease: Lease, payload: bytes | None, px: int | None) -> bool:
@@ -154,8 +196,11 @@ class Renewer:
     def _renew(self, lease: Lease) -> None:
         lease.next_renewal = time.monotonic() + renew_every_ms(lease.lease_ms) / 1000
         try:
+            client = (
+                lease.identity.client() if lease.identity is not None else lease.client
+            )
             ours = scripts.run(
-                lease.client,
+                client,
                 "renew",
                 keys=[lease.lease_key],
                 args=[lease.token, lease.lease_ms],

@@ -112,7 +112,8 @@ class Events:
     def __init__(self) -> None:
         names = (
             "hits", "misses", "stale_served", "early_refreshes", "herd_misses",
-            "lease_renewals", "lease_lost", "redis_errors", "compute_seconds",
+            "lease_renewals", "lease_lost", "lease_takeovers", "redis_errors",
+            "compute_seconds",
             "lease_wait_seconds",
         )  # fmt: skip
         for name in names:

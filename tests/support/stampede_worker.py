@@ -34,6 +34,7 @@ METRICS = {
     "misses": ("apee_cache_stampede_misses_total", {}),
     "lease_renewals": ("apee_cache_lease_renewals_total", {}),
     "lease_lost": ("apee_cache_lease_lost_total", {}),
+    "lease_takeovers": ("apee_cache_lease_takeovers_total", {}),
     "redis_errors": ("apee_cache_redis_errors_total", {}),
     "early_refreshes": ("apee_cache_early_refreshes_total", {}),
     "stale_served": ("apee_cache_stale_served_total", {}),
