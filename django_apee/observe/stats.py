@@ -110,7 +110,7 @@ def rates(fields: dict[str, int], seconds: float) -> dict[str, float]:
 
 
 def ratios(fields: dict[str, int]) -> dict[str, float | None]:
-    """Hit ratios, the stale share of hits and the lease-wait p95."""
+    """Hit ratios, the stale and near-cache shares of hits, the lease-wait p95."""
     hits, misses = fields.get("hits", 0), fields.get("misses", 0)
     s_hits = fields.get("stampede_hits", 0)
     s_misses = fields.get("stampede_misses", 0)
@@ -118,6 +118,8 @@ def ratios(fields: dict[str, int]) -> dict[str, float | None]:
         "hit_ratio": ratio(hits, hits + misses),
         "stampede_hit_ratio": ratio(s_hits, s_hits + s_misses),
         "stale_share": ratio(fields.get("stale_served", 0), s_hits),
+        # Of the get hits, those the near cache answered from process memory.
+        "near_share": ratio(fields.get("near_hits", 0), hits),
         "lease_wait_p95_seconds": quantile(fields, "lease_wait_seconds", 0.95),
     }
 

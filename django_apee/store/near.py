@@ -56,27 +56,21 @@ def fresh_left_ms(meta: Meta | None, pttl_ms: int, rules: policy.Policy) -> floa
     0 for one that is not FRESH now, or whose early refresh is drawn per read
     (no stored seed but a known compute time), which the near cache leaves to
     Redis reads. Never more than ``pttl_ms`` when the key has a TTL.
+
+    ``policy.fresh_until_ms`` says until when an entry is FRESH counted from
+    its write (soft timeout less XFetch's margin for its stored draw); the
+    grace period does not move that instant, only what Redis keeps after
+    the hard timeout. Asked with the write at 0, it is the age the entry
+    stops being FRESH at; the age now is what the PTTL says.
     """
     cap = FOREVER if pttl_ms < 0 else float(pttl_ms)
     if meta is None or meta.hard_ms == 0 or pttl_ms < 0:
         return cap
     if meta.seed == 0 and meta.delta_ms:
         return 0.0
-    rand = policy.xfetch_rand(meta, 0.0)
-
-    def fresh(left: int) -> bool:
-        return policy.state(meta, left, policy=rules, rand=rand) is policy.State.FRESH
-
-    if not fresh(pttl_ms):
-        return 0.0
-    good, bad = 0, pttl_ms  # fresh after ``good`` ms more; not after ``bad``
-    while bad - good > 1:
-        middle = (good + bad) // 2
-        if fresh(pttl_ms - middle):
-            good = middle
-        else:
-            bad = middle
-    return min(float(good), cap)
+    fresh_age = policy.fresh_until_ms(meta._replace(written_ms=1, grace_ms=0), rules)
+    age = max(0, meta.hard_ms + meta.grace_ms - pttl_ms)
+    return max(0.0, min(fresh_age - 1 - age, cap))
 
 
 class Near:

@@ -139,3 +139,31 @@ def test_tracking_prefix_is_the_key_prefix(near_cache: ApeeCache) -> None:
     from django_apee.runtime import tracking_prefix
 
     assert tracking_prefix(near_cache) == f"{near_cache.key_prefix}:"
+
+
+def test_apee_stats_shows_the_fleets_near_counters(make_cache: Made) -> None:
+    import json
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from django_apee.store import fleet
+
+    alias, cache = make_cache(NEAR_CACHE=True)
+    cache.set("k", "v", 60)
+    warm(cache, "k")
+    for _ in range(5):
+        assert cache.get("k") == "v"
+    cache.set("k", "w", 60)  # forgets the near entry
+    fleet.flush()
+    out = StringIO()
+    call_command("apee_stats", "--cache", alias, "--json", stdout=out)
+    (result,) = json.loads(out.getvalue())["results"]
+    window = result["fleet"]["window"]
+    assert window["near_hits"] >= 5
+    assert window["near_invalidations"] >= 1
+    assert 0 < result["fleet"]["ratios"]["near_share"] <= 1
+    out = StringIO()
+    call_command("apee_stats", "--cache", alias, stdout=out)
+    assert "near share of hits" in out.getvalue()
+    assert "near invalidations" in out.getvalue()

@@ -314,6 +314,7 @@ def _human_overview(result: dict[str, Any]) -> str:
         ("fallbacks per minute", rates["fallbacks_per_minute"]),
         ("lease wait p95", _secs(ratios["lease_wait_p95_seconds"])),
         ("serialization errors", stats.sum_of(window, "serialization_errors")),
+        *_near_rows(totals, window, ratios),
         ("", ""),
         ("leases held now", f"{held['count']}{'' if held['complete'] else '+'}"),
     ]
@@ -336,6 +337,21 @@ def _human_overview(result: dict[str, Any]) -> str:
             )
         )
     return table(rows)
+
+
+def _near_rows(
+    totals: dict[str, int], window: dict[str, int], ratios: dict[str, Any]
+) -> list[tuple[str, Any]]:
+    """The near cache's counters, for aliases where some process ran one."""
+    names = ("near_hits", "near_invalidations", "near_evictions", "near_flushes")
+    if not any(totals.get(name) for name in names):
+        return []
+    rows: list[tuple[str, Any]] = [
+        (name.replace("_", " "), f"{window.get(name, 0)} / {totals.get(name, 0)}")
+        for name in names
+    ]
+    rows.insert(1, ("near share of hits", _pct(ratios.get("near_share"))))
+    return rows
 
 
 def _human_key(result: dict[str, Any]) -> str:
