@@ -25,6 +25,7 @@ from django_redis.util import CacheKey
 from redis.client import Pipeline
 
 from django_apee.client_inplace import InPlaceMixin, interrupted
+from django_apee.client_invalidate import InvalidateMixin
 from django_apee.core import MISSING, policy, to_milliseconds
 from django_apee.core.envelope import (
     MEMBER_KEY,
@@ -64,7 +65,7 @@ def _is_pickle(data: bytes) -> bool:
     return len(data) > 2 and data[0] == 0x80 and 2 <= data[1] <= 5
 
 
-class ApeeClientMixin(InPlaceMixin):
+class ApeeClientMixin(InvalidateMixin, InPlaceMixin):
     """Envelope encoding and Django's semantics on top of a django-redis client."""
 
     _backend: ApeeCache
@@ -322,22 +323,6 @@ class ApeeClientMixin(InPlaceMixin):
             herd.lost()
         return bool(stored)
 
-    def _expire_now(
-        self, key: Any, version: int | None, client: Redis | None, *, nx: bool, xx: bool
-    ) -> bool:
-        made = self.make_key(key, version=version)
-        if client is None:
-            client = self.get_client(write=True)
-        herd = self._backend.runtime.herd
-        if (won := herd.claim(made)) is not None:
-            herd.release_quietly(won.lease)  # the write that would end it is none
-        with interrupted(client):
-            if nx:
-                # add() with timeout 0: true when the key was absent; store nothing.
-                return not client.exists(made)
-            deleted = bool(self._revoke(client, made, self.wake_channel))
-        return deleted if xx else True
-
     def pttl(
         self, key: Any, version: int | None = None, client: Redis | None = None
     ) -> int | None:
@@ -376,25 +361,6 @@ class ApeeClientMixin(InPlaceMixin):
         """True when ``get`` would find a value (so not past its hard timeout)."""
         return self.pttl(key, version=version, client=client) != 0
 
-    def touch(
-        self,
-        key: Any,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        version: int | None = None,
-        client: Redis | None = None,
-    ) -> bool:
-        """Give a key a new timeout, with the same rounding as ``set``."""
-        if timeout is DEFAULT_TIMEOUT:
-            timeout = self._backend.default_timeout
-        made = self.make_key(key, version=version)
-        if client is None:
-            client = self.get_client(write=True)
-        with interrupted(client):
-            if timeout is None:
-                return bool(client.persist(made))
-            px = to_milliseconds(timeout) if timeout > 0 else 0
-            return bool(client.pexpire(made, px))
-
     def set_many(
         self,
         data: dict[Any, Any],
@@ -415,43 +381,6 @@ class ApeeClientMixin(InPlaceMixin):
                 self.set(key, value, timeout, version=version, client=pipeline)
             pipeline.execute()
         return []
-
-    def delete_many(
-        self,
-        keys: Iterable[Any],
-        version: int | None = None,
-        client: Redis | None = None,
-    ) -> int:
-        made = [self.make_key(key, version=version) for key in keys]
-        if not made:
-            return 0
-        if client is None:
-            client = self.get_client(write=True)
-        with interrupted(client):
-            pipeline = client.pipeline(transaction=False)
-            for one in made:
-                self._revoke(pipeline, one, self.wake_channel)
-            return sum(pipeline.execute())
-
-    def delete(
-        self,
-        key: Any,
-        version: int | None = None,
-        prefix: str | None = None,
-        client: Redis | None = None,
-    ) -> int:
-        """Delete a value and revoke any lease on it (see ``lua/delete.lua``)."""
-        made = self.make_key(key, version=version, prefix=prefix)
-        if client is None:
-            client = self.get_client(write=True)
-        with interrupted(client):
-            return int(self._revoke(client, made, self.wake_channel))
-
-    @staticmethod
-    def _revoke(client: Any, made: CacheKey, channel: str) -> Any:
-        return scripts.run(
-            client, "delete", keys=[made, companion(made, LEASE)], args=[channel]
-        )
 
 
 @functools.cache

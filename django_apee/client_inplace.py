@@ -19,6 +19,7 @@ from django_redis.util import CacheKey
 from redis.exceptions import ResponseError
 
 from django_apee.core.envelope import DecodeError
+from django_apee.core.keys import LEASE, companion
 from django_apee.store import scripts
 from django_apee.store.errors import REDIS_ERRORS
 
@@ -60,6 +61,9 @@ class InPlaceMixin:
 
         def get_client(self, write: bool = True) -> Redis: ...
 
+        @property
+        def wake_channel(self) -> str: ...
+
     def incr_version(
         self,
         key: Any,
@@ -93,10 +97,21 @@ class InPlaceMixin:
             if not (error.reason == "foreign" and self._backend.legacy_reads):
                 self._backend.report_decode_error(error)
                 raise ValueError(f"Key '{original}' not found") from None
+        # Both ends revoke their lease, as set and delete do: a computation
+        # in flight on the old key must not write it back once it has moved,
+        # nor one on the new key overwrite what was moved there.
+        channel = self.wake_channel
         with interrupted(client):
             pipeline = client.pipeline(transaction=False)
-            pipeline.set(new, raw, px=px)
-            pipeline.delete(old)
+            scripts.run(
+                pipeline,
+                "set",
+                keys=[new, companion(new, LEASE)],
+                args=[raw, "" if px is None else px, "", channel],
+            )
+            scripts.run(
+                pipeline, "delete", keys=[old, companion(old, LEASE)], args=[channel]
+            )
             pipeline.execute()
         return version + delta
 

@@ -56,6 +56,30 @@ def companion(value_key: str, kind: str) -> str:
     return f"apee:{kind}|{value_key}"
 
 
+def companion_patterns(value_pattern: str, kind: str) -> list[str]:
+    """SCAN patterns that find the ``kind`` companions of the value keys
+    matching ``value_pattern`` (Redis glob), one per form of ``companion``."""
+    return [
+        f"{{{value_pattern}}}|apee:{kind}",
+        f"{{*}}|apee:{kind}|{value_pattern}",
+        f"apee:{kind}|{value_pattern}",
+    ]
+
+
+def owner(companion_key: str, kind: str) -> str | None:
+    """The value key whose ``kind`` companion is ``companion_key``, or None."""
+    tagged = f"}}|apee:{kind}|"
+    if companion_key.startswith("{") and tagged in companion_key:
+        value_key = companion_key.split(tagged, 1)[1]
+    elif companion_key.startswith("{") and companion_key.endswith(f"}}|apee:{kind}"):
+        value_key = companion_key[1 : -len(f"}}|apee:{kind}")]
+    elif companion_key.startswith(f"apee:{kind}|"):
+        value_key = companion_key[len(f"apee:{kind}|") :]
+    else:
+        return None
+    return value_key if companion(value_key, kind) == companion_key else None
+
+
 def same_slot(value_key: str) -> bool:
     """Tell whether ``companion(value_key, …)`` shares the value key's slot."""
     return hash_tag(value_key) is not None or bool(value_key and "}" not in value_key)

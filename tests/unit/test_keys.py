@@ -41,3 +41,25 @@ def test_hash_tag_follows_redis_rules():
     assert keys.hash_tag("a{}b{c}") is None  # empty first tag: whole key hashed
     assert keys.hash_tag("{a{b}") == "a{b"
     assert keys.hash_tag("a{b") is None
+
+
+@given(key_text, st.sampled_from([keys.LEASE, keys.WAKE]))
+def test_owner_inverts_companion(value_key, kind):
+    assert keys.owner(keys.companion(value_key, kind), kind) == value_key
+
+
+@given(key_text)
+def test_a_value_key_owns_nothing(value_key):
+    if keys.owner(value_key, keys.LEASE) is not None:
+        assert value_key.startswith(("{", "apee:"))  # it is a companion's name
+
+
+def test_companion_patterns_name_each_form():
+    import fnmatch
+
+    patterns = keys.companion_patterns(":1:inv:*", keys.LEASE)
+    for value_key in (":1:inv:a", ":1:inv:{t}b", ":1:inv:b}c"):
+        lease = keys.companion(value_key, keys.LEASE)
+        assert any(fnmatch.fnmatchcase(lease, p) for p in patterns), lease
+    other = keys.companion(":1:other", keys.LEASE)
+    assert not any(fnmatch.fnmatchcase(other, p) for p in patterns)
