@@ -25,6 +25,7 @@ from django.core.exceptions import ImproperlyConfigured
 from redis.exceptions import NoPermissionError
 
 from django_apee.client import client_class
+from django_apee.cluster import ApeeClusterClient, cluster_problems
 from django_apee.conf import apee_aliases, parse, utc_today
 from django_apee.store.wake import CHANNEL_PREFIX, acl_rule, acl_user, wake_channel
 
@@ -50,7 +51,8 @@ def check_options(**kwargs: Any) -> list[checks.CheckMessage]:
     apee.E001 a bad value; E002 an unusable CLIENT_CLASS; E003 a bad METRICS
     or STATS_FLUSH_INTERVAL; E004 Django's ``serializer``, which cannot
     apply; E005 a REDIS_RETRIES that is not an int >= 0; E006 a bad
-    NEAR_CACHE; W003 a key nobody reads (with the closest valid name).
+    NEAR_CACHE; W003 a key nobody reads (with the closest valid name);
+    E010-E011 and W010 what a cluster cannot do (``cluster.cluster_problems``).
     """
     found: list[checks.CheckMessage] = []
     for alias, config in _apee_caches().items():
@@ -63,9 +65,16 @@ def check_options(**kwargs: Any) -> list[checks.CheckMessage]:
         if any(problem.id == "apee.E001" for problem in problems):
             continue
         try:
-            client_class(parsed.client_class)
+            klass = client_class(parsed.client_class)
         except (ImproperlyConfigured, ImportError) as error:
             found.append(checks.Error(str(error), obj=alias, id="apee.E002"))
+            continue
+        if issubclass(klass, ApeeClusterClient):
+            for problem in cluster_problems(config, parsed.redis_options):
+                kind = checks.Error if problem.is_error else checks.Warning
+                found.append(
+                    kind(problem.message, hint=problem.hint, obj=alias, id=problem.id)
+                )
     return found
 
 

@@ -7,6 +7,11 @@ round trip, not an error. Scripts are read on first use, never at import.
 ``run_many`` sends several calls of one script in one pipelined round trip
 (redis-py's pipelines check ``SCRIPT EXISTS`` in a round trip of their own
 first; this sends EVALSHA at once and loads the script only after NOSCRIPT).
+
+On Redis Cluster (``slots.py``) a ``RedisCluster`` runs a script like a
+plain client does; a cluster pipeline gets ``execute_command("EVALSHA")``
+(redis-py refuses its ``evalsha``), and ``slots.NoScriptPipeline`` loads
+the scripts a node lacks when the pipeline runs.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from redis.client import Pipeline
+from redis.cluster import ClusterPipeline
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -34,6 +40,28 @@ def script(name: str) -> Script:
     return Script(None, source)  # type: ignore[arg-type]  # bytes need no client
 
 
+def source_of(sha: str) -> bytes | None:
+    """The source of the script in ``lua/`` whose SHA-1 is ``sha``, else None."""
+    for name in names():
+        found = script(name)
+        if found.sha == sha:
+            return bytes(found.script)  # type: ignore[arg-type]
+    return None
+
+
+@functools.cache
+def names() -> tuple[str, ...]:
+    """Every script in ``lua/``, by name."""
+    folder = resources.files("django_apee.store").joinpath("lua")
+    return tuple(
+        sorted(
+            entry.name.removesuffix(".lua")
+            for entry in folder.iterdir()
+            if entry.name.endswith(".lua")
+        )
+    )
+
+
 def run(client: Redis, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
     """Run script ``name`` on ``client`` (a Redis client or a pipeline).
 
@@ -43,6 +71,8 @@ def run(client: Redis, name: str, keys: Sequence[Any], args: Sequence[Any]) -> A
     found = script(name)
     if isinstance(client, Pipeline):
         return found(keys=keys, args=args, client=client)
+    if isinstance(client, ClusterPipeline):
+        return client.execute_command("EVALSHA", found.sha, len(keys), *keys, *args)
     try:
         return client.evalsha(found.sha, len(keys), *keys, *args)
     except NoScriptError:
@@ -78,5 +108,8 @@ def _evalsha_all(
 ) -> list[Any]:
     pipeline = client.pipeline(transaction=False)
     for keys, args in calls:
-        pipeline.evalsha(sha, len(keys), *keys, *args)
+        # Not ``evalsha``: cluster pipelines refuse it, and this is the same.
+        pipeline.execute_command(  # type: ignore[no-untyped-call]
+            "EVALSHA", sha, len(keys), *keys, *args
+        )
     return list(pipeline.execute(raise_on_error=False))
