@@ -21,12 +21,14 @@ from django.test import TestCase, override_settings
 DIFFERENCES: dict[str, str] = {}
 
 #: Set APEE_CONFORMANCE_BACKEND (e.g. django_redis.cache.RedisCache) to run
-#: the same suite against another backend for comparison.
+#: the same suite against another backend for comparison. A settings module
+#: may name another LOCATION and OPTIONS (``cluster_settings.py``: a cluster).
 APEE = {
     "BACKEND": os.environ.get(
         "APEE_CONFORMANCE_BACKEND", "django_apee.cache.ApeeCache"
     ),
-    "LOCATION": settings.REDIS_URL,
+    "LOCATION": getattr(settings, "APEE_CONFORMANCE_LOCATION", settings.REDIS_URL),
+    "OPTIONS": getattr(settings, "APEE_CONFORMANCE_OPTIONS", {}),
 }
 
 

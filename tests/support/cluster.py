@@ -293,3 +293,27 @@ def cluster_info(node: Node) -> dict[str, str]:
     if isinstance(text, dict):
         return {str(key): str(value) for key, value in text.items()}
     return dict(line.split(":", 1) for line in str(text).splitlines() if ":" in line)
+
+
+#: The session's cluster, shared with child processes through this variable
+#: (its startup node URLs, comma-separated).
+SESSION_CLUSTER_ENV = "APEE_TEST_CLUSTER_URLS"
+_session: ClusterDeployment | None = None
+
+
+def session_cluster_urls() -> list[str]:
+    """Start the session's cluster once per process tree; its node URLs.
+
+    For settings modules (read before any fixture runs), as ``session_url``
+    is for the single server. Stopped by PID at exit.
+    """
+    global _session
+    found = os.environ.get(SESSION_CLUSTER_ENV)
+    if found:
+        return found.split(",")
+    import atexit
+
+    _session = ClusterDeployment().start()
+    atexit.register(_session.close)
+    os.environ[SESSION_CLUSTER_ENV] = ",".join(_session.urls)
+    return _session.urls

@@ -148,12 +148,18 @@ def session_url() -> str:
     Django reads the test settings before any conftest runs, so the settings
     module calls this. The URL goes into ``APEE_TEST_REDIS_URL`` so that
     child processes (multi-process tests) reuse the server instead of
-    starting their own.
+    starting their own. With ``APEE_SERVER_BIN`` set (``valkey``, or a
+    path) the server is that binary (``nodes.server_binary``).
     """
     global _session
     url = os.environ.get("APEE_TEST_REDIS_URL") or os.environ.get("REDIS_URL")
     if not url:
-        _session = RedisServer().start()
+        if os.environ.get("APEE_SERVER_BIN"):
+            from tests.support.nodes import Node
+
+            _session = Node().start()
+        else:
+            _session = RedisServer().start()
         atexit.register(_session.close)
         url = _session.url
     os.environ["APEE_TEST_REDIS_URL"] = url

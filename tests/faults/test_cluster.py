@@ -1,0 +1,246 @@
+"""ApeeClusterClient on a real 6-node Redis Cluster (3 primaries, 3 replicas).
+
+What a cluster changes, asserted against one started here (~2.5 s, shared by
+the module; ``APEE_SERVER_BIN=valkey`` makes it a Valkey cluster): multi-key
+operations over keys of every primary, scripts a node lacks (SCRIPT FLUSH, a
+replica promoted by ``CLUSTER FAILOVER``), keys and clear on every primary,
+keys refused because their lease could not share their slot, stampede
+protection across two aliases, one RedisCluster per process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.core.cache import caches
+from django.test import override_settings
+
+from django_apee.cluster import CrossSlotKey
+from django_apee.core.keys import LEASE, companion
+from tests.support.deployments import ClusterDeployment
+
+pytestmark = pytest.mark.faults
+
+CLIENT = "django_apee.cluster.ApeeClusterClient"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterDeployment]:
+    deployment = ClusterDeployment()
+    try:
+        deployment.start()
+        print(f"cluster ready in {deployment.startup_seconds:.2f}s")
+        yield deployment
+    finally:
+        deployment.close()
+
+
+@pytest.fixture
+def cluster_alias(cluster) -> Iterator[Any]:
+    """``cluster_alias(KEY_PREFIX=..., OPTIONS=...) -> alias``: a fresh CACHES
+    alias on the cluster; top-level parameters as given."""
+    with ExitStack() as stack:
+
+        def make(**params: Any) -> str:
+            alias = f"cluster-{uuid.uuid4().hex[:8]}"
+            options = {"CLIENT_CLASS": CLIENT, **params.pop("OPTIONS", {})}
+            config = {
+                "BACKEND": "django_apee.cache.ApeeCache",
+                "LOCATION": cluster.urls,
+                "OPTIONS": options,
+                **params,
+            }
+            stack.enter_context(
+                override_settings(CACHES={**settings.CACHES, alias: config})
+            )
+            return alias
+
+        yield make
+
+
+@pytest.fixture
+def on_cluster(cluster_alias):
+    """``on_cluster(**params) -> cache`` on a fresh alias (see ``cluster_alias``)."""
+    return lambda **params: caches[cluster_alias(**params)]
+
+
+def spread(cluster: ClusterDeployment, prefix: str, count: int) -> dict[str, int]:
+    """``count`` keys named ``prefix<n>``, with the port of the primary that
+    owns each made key (``:1:<key>``); every primary owns some."""
+    keys = {f"{prefix}{n}": cluster.primary_for(f":1:{prefix}{n}") for n in range(count)}
+    assert len(set(keys.values())) == cluster.primaries
+    return keys
+
+
+def noscript_errors(cluster: ClusterDeployment, port: int) -> int:
+    """How many NOSCRIPT errors the node has answered since it started."""
+    stats = cluster.node(port).info("errorstats")
+    found = stats.get("errorstat_NOSCRIPT", {})
+    return int(found.get("count", 0)) if isinstance(found, dict) else 0
+
+
+def flush_scripts(cluster: ClusterDeployment) -> None:
+    for node in cluster.live:
+        with node.client() as client:
+            client.script_flush()
+
+
+def test_many_operations_over_every_primary(cluster, on_cluster):
+    cache = on_cluster()
+    tag = uuid.uuid4().hex[:6]
+    keys = spread(cluster, f"many-{tag}-", 60)
+    # More keys of one slot than one script call takes (GET_CHUNK, 512).
+    tagged = {f"{{t{tag}}}{n}": n for n in range(600)}
+    data = {key: {"n": i} for i, key in enumerate(keys)} | tagged
+    assert cache.set_many(data, timeout=300) == []
+    asked = [*reversed(list(data)), f"absent-{tag}"]
+    assert cache.get_many(asked) == data
+    # set_many keeps the timeout on every key (django-valkey's does not).
+    for key in list(keys)[:5]:
+        assert 290 <= cache.ttl(key) <= 300
+    gone = list(keys)[:30]
+    cache.delete_many(gone)
+    left = cache.get_many(list(data))
+    assert set(left) == set(data) - set(gone)
+
+
+def test_scripts_flushed_everywhere_every_operation_reloads_them(cluster, on_cluster):
+    cache = on_cluster()
+    tag = uuid.uuid4().hex[:6]
+    keys = list(spread(cluster, f"flush-{tag}-", 20))
+    cache.set_many(dict.fromkeys(keys, "v"), timeout=60)
+    for operation in (
+        lambda: cache.set_many(dict.fromkeys(keys, "w"), timeout=60),
+        lambda: cache.get_many(keys),
+        lambda: cache.delete_many(keys[:3]),
+        lambda: cache.get(keys[5]),
+        lambda: cache.set(keys[6], "x", 60),
+        lambda: cache.get_or_set_stampede_safe(f"s-{tag}", lambda: "computed", 60),
+        lambda: cache.incr_version(keys[7]),
+    ):
+        flush_scripts(cluster)
+        operation()
+    assert cache.get_many(keys[3:5]) == dict.fromkeys(keys[3:5], "w")
+    assert cache.get(keys[6]) == "x"
+    assert cache.get(keys[7], version=2) == "w"
+    assert cache.get(f"s-{tag}") == "computed"
+
+
+def test_a_promoted_replica_lacks_the_scripts_and_pipelines_load_them(
+    cluster, on_cluster
+):
+    cache = on_cluster()
+    tag = uuid.uuid4().hex[:6]
+    keys = spread(cluster, f"promo-{tag}-", 40)
+    cache.set_many(dict.fromkeys(keys, 1), timeout=60)
+    old = next(iter(keys.values()))
+    (replica,) = cluster.replicas_of(old)
+    took = cluster.failover(replica)
+    print(f"CLUSTER FAILOVER {old} -> {replica}: {took:.2f}s")
+    before = noscript_errors(cluster, replica)
+    assert cache.set_many(dict.fromkeys(keys, 2), timeout=60) == []
+    assert noscript_errors(cluster, replica) > before  # it met NOSCRIPT...
+    assert cache.get_many(list(keys)) == dict.fromkeys(keys, 2)  # ...and recovered
+    cache.delete_many(list(keys))
+    assert cache.get_many(list(keys)) == {}
+
+
+def test_keys_iter_keys_delete_pattern_and_clear_reach_every_primary(
+    cluster, on_cluster
+):
+    cache = on_cluster(KEY_PREFIX=f"kp{uuid.uuid4().hex[:6]}")
+    names = [f"pat-{n}" for n in range(60)]
+    owners = {cluster.primary_for(cache.make_key(name)) for name in names}
+    assert len(owners) == cluster.primaries
+    cache.set_many(dict.fromkeys(names, "v"), timeout=60)
+    cache.set("other", "v", 60)
+    assert sorted(cache.keys("pat-*")) == sorted(names)
+    assert sorted(cache.iter_keys("pat-*")) == sorted(names)
+    # A lease held on a matching key is revoked with it.
+    client = cache.client.get_client()
+    held = companion(cache.make_key("pat-1"), LEASE)
+    client.set(held, "someone", px=60_000)
+    assert cache.delete_pattern("pat-*") == len(names)
+    assert cache.keys("*") == ["other"]
+    assert not client.exists(held)
+    cache.clear()
+    assert cache.keys("*") == []
+
+
+def test_a_key_whose_lease_cannot_share_its_slot_is_refused(on_cluster):
+    cache = on_cluster()
+    with pytest.raises(CrossSlotKey, match="hash tag"):
+        cache.set("a}b", 1)
+    with pytest.raises(CrossSlotKey):
+        cache.get("a}b")
+    assert cache.set("{a}}b", 1) is True  # a tag first: its companions share it
+    assert cache.get("{a}}b") == 1
+
+
+def test_stampede_safe_on_the_cluster_one_compute_for_two_aliases(cluster_alias):
+    """Two aliases with one KEY_PREFIX share the keys but not a process's
+    coordinator: the lease and the wake-up make them compute once."""
+    prefix = f"st{uuid.uuid4().hex[:6]}"
+    aliases = [cluster_alias(KEY_PREFIX=prefix) for _ in range(2)]
+    computes: list[str] = []
+    results: list[Any] = []
+    start = threading.Barrier(8)
+
+    def compute() -> str:
+        computes.append("x")
+        time.sleep(0.3)
+        return "value"
+
+    def call(alias: str) -> None:
+        start.wait()
+        results.append(caches[alias].get_or_set_stampede_safe("hot", compute, 60))
+
+    threads = [threading.Thread(target=call, args=(aliases[i % 2],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == ["value"] * 8
+    assert len(computes) == 1
+
+
+def _child_cluster(location: list[str], parent_id: int, out: Any) -> None:
+    cache = caches["forked"]
+    client = cache.client.get_client()
+    cache.set("from-child", 1, 60)
+    out.send((id(client) != parent_id, cache.get("from-child")))
+
+
+def test_one_cluster_per_process_and_a_new_one_after_fork(cluster, cluster_alias):
+    alias = cluster_alias()
+    cache = caches[alias]
+    client = cache.client.get_client()
+    other = caches.create_connection(alias)  # another thread's backend
+    assert other.client.get_client() is client
+    cache.set("from-parent", 1, 60)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(caches.settings, "forked", caches.settings[alias])
+        context = multiprocessing.get_context("fork")
+        mine, theirs = context.Pipe()
+        child = context.Process(
+            target=_child_cluster, args=(cluster.urls, id(client), theirs)
+        )
+        child.start()
+        try:
+            assert mine.poll(20), "the forked child did not answer"
+            fresh, seen = mine.recv()
+        finally:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+    assert fresh is True
+    assert seen == 1
+    assert cache.get("from-parent") == 1
