@@ -30,7 +30,11 @@ node's connections (TLS files, ``max_connections``, ``client_name``...);
 ``read_from_replicas`` (opt-in: plain reads may then see a replica that lags),
 ``retry``, ``require_full_coverage``, ``address_remap``... What a cluster
 cannot honour (Sentinel, a database other than 0, a custom pool class or
-Redis client class) is an error (system check ``apee.E010``).
+Redis client class, the near cache) is an error (system check ``apee.E010``).
+
+``REDIS_RETRIES`` (``retry.py``) becomes the cluster's own retry policy:
+redis-py gives each node's connections none, and retries a command (after
+refreshing its slot map) at the cluster level.
 """
 
 from __future__ import annotations
@@ -74,6 +78,12 @@ REFUSED_OPTIONS = {
     "REDIS_CLIENT_CLASS": "ApeeClusterClient needs its own RedisCluster subclass",
     "PARSER_CLASS": "RedisCluster does not pass a parser class to its nodes",
 }
+#: Why NEAR_CACHE is refused on a cluster (apee.E010).
+NEAR_CACHE_REFUSED = (
+    "OPTIONS['NEAR_CACHE'] is not supported with ApeeClusterClient yet: its "
+    "invalidations (CLIENT TRACKING) would come from one node, so writes to "
+    "the others would leave stale values in process memory."
+)
 #: Where RedisCluster keeps each node's connection kwargs; others it drops.
 _NODE_KWARGS = frozenset(REDIS_ALLOWED_KEYS) - {"host", "port", "retry"}
 
@@ -163,7 +173,13 @@ class ApeeClusterClient(ApeeClientMixin, DefaultClient):  # type: ignore[misc]
 
     def __init__(self, server: Any, params: dict[str, Any], backend: Any) -> None:
         super().__init__(server, params, backend)
-        self._cluster_key = (tuple(self._server), fingerprint(self._options))
+        # The user's OPTIONS say what the cluster depends on: the parsed ones
+        # hold objects made per backend (a Retry), whose repr differs each time.
+        options = getattr(backend, "options", None)
+        if options is not None and options.near_cache is not None:
+            raise ImproperlyConfigured(NEAR_CACHE_REFUSED)
+        said = options.fingerprint if options is not None else fingerprint(params)
+        self._cluster_key = (tuple(self._server), said)
 
     # -- the connection ---------------------------------------------------------
 
@@ -329,6 +345,8 @@ def cluster_problems(config: dict[str, Any], options: dict[str, Any]) -> list[Pr
         cluster_kwargs(servers, options)
     except ImproperlyConfigured as error:
         problems.append(Problem("apee.E010", str(error)))
+    if (config.get("OPTIONS") or {}).get("NEAR_CACHE"):
+        problems.append(Problem("apee.E010", NEAR_CACHE_REFUSED))
     make = get_key_func(config.get("KEY_FUNCTION"))
     made = make("name", config.get("KEY_PREFIX", ""), config.get("VERSION", 1))
     if not same_slot(made):

@@ -14,3 +14,5 @@ from tests.support.cluster import session_cluster_urls
 
 APEE_CONFORMANCE_LOCATION = session_cluster_urls()
 APEE_CONFORMANCE_OPTIONS = {"CLIENT_CLASS": "django_apee.cluster.ApeeClusterClient"}
+#: The near cache is refused on a cluster (apee.E010): its class is skipped.
+APEE_CONFORMANCE_NEAR = False

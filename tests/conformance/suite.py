@@ -47,9 +47,13 @@ for _name, _reason in DIFFERENCES.items():
     )
 
 
+@unittest.skipUnless(
+    getattr(settings, "APEE_CONFORMANCE_NEAR", True),
+    "no near cache on this deployment (ApeeClusterClient refuses it)",
+)
 @override_settings(
     CACHES=caches_setting_for_tests(
-        base={**APEE, "OPTIONS": {"NEAR_CACHE": True}},
+        base={**APEE, "OPTIONS": {**APEE["OPTIONS"], "NEAR_CACHE": True}},
         exclude={"cull", "zero_cull"},
     )
 )

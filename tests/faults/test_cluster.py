@@ -75,7 +75,8 @@ def on_cluster(cluster_alias):
 def spread(cluster: ClusterDeployment, prefix: str, count: int) -> dict[str, int]:
     """``count`` keys named ``prefix<n>``, with the port of the primary that
     owns each made key (``:1:<key>``); every primary owns some."""
-    keys = {f"{prefix}{n}": cluster.primary_for(f":1:{prefix}{n}") for n in range(count)}
+    names = [f"{prefix}{n}" for n in range(count)]
+    keys = {name: cluster.primary_for(f":1:{name}") for name in names}
     assert len(set(keys.values())) == cluster.primaries
     return keys
 

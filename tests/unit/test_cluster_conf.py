@@ -132,6 +132,18 @@ def test_check_warns_when_every_key_shares_one_slot():
         assert ids(checks.check_options()) == ["apee.W010"]
 
 
+def test_redis_retries_become_the_clusters_own_retry_policy():
+    found = kwargs_for("redis://a:7000", REDIS_RETRIES=2)
+    assert found["retry"].get_retries() == 2
+
+
+def test_check_refuses_the_near_cache_on_a_cluster():
+    near = config()
+    near["OPTIONS"] = {**near["OPTIONS"], "NEAR_CACHE": True}
+    with override_settings(CACHES={"default": near}):
+        assert ids(checks.check_options()) == ["apee.E010"]
+
+
 def test_check_names_options_a_cluster_cannot_honour():
     bad = config(LOCATION="redis://127.0.0.1:7000/1")
     with override_settings(CACHES={"default": bad}):
