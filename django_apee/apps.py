@@ -22,6 +22,10 @@ class ApeeConfig(AppConfig):  # type: ignore[misc]
         from django_apee.observe import metrics
 
         checks.register()
+        if _debug_toolbar_panel_configured(settings):
+            from django_apee.observe import trace
+
+            trace.enable()
         setting_changed.connect(_caches_changed, dispatch_uid="django_apee.metrics")
         metrics.use_django_prometheus(django_prometheus_counters())
         for alias in apee_aliases(settings.CACHES):
@@ -35,6 +39,16 @@ def _caches_changed(*, setting: str, **kwargs: Any) -> None:
         from django_apee import runtime
 
         runtime.forget_all()
+
+
+def _debug_toolbar_panel_configured(settings: Any) -> bool:
+    """Whether DEBUG_TOOLBAR_PANELS lists our panel (contrib/debug_toolbar.py).
+
+    Tracing must be on before an alias's runtime is built; turning it on only
+    here leaves sites without the panel with the bare metrics on the hit path.
+    """
+    panels = getattr(settings, "DEBUG_TOOLBAR_PANELS", None) or ()
+    return "django_apee.contrib.debug_toolbar.ApeePanel" in panels
 
 
 def django_prometheus_counters() -> tuple[Any, Any, Any] | None:

@@ -32,6 +32,7 @@ from django_apee.core import MISSING
 from django_apee.core.codec import register_safe_string
 from django_apee.core.envelope import DecodeError, Envelope, derive_signing_keys
 from django_apee.engine.stampede import Call, make_spec
+from django_apee.observe import trace
 from django_apee.observe.logs import RateLimitedLog
 from django_apee.store.errors import REDIS_ERRORS
 
@@ -213,7 +214,11 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
             return compute() if found is MISSING else found
         made = self.client.make_key(key, version=version)  # Django's key checks
         spec = make_spec(timeout, soft_timeout, stale_if_error, self.options.policy)
-        return self.runtime.coordinator.get_or_set(Call(made, compute, spec))
+        call = Call(made, compute, spec)
+        if trace.enabled():  # a debugging tool records this request's calls
+            with trace.call(self.alias, str(made)):
+                return self.runtime.coordinator.get_or_set(call)
+        return self.runtime.coordinator.get_or_set(call)
 
     def get_or_set(
         self,

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from django_apee.core.process import Registry
 from django_apee.engine.herd import Herd
 from django_apee.engine.stampede import Coordinator
-from django_apee.observe import metrics
+from django_apee.observe import metrics, trace
 from django_apee.store import fleet
 from django_apee.store.clock import RedisClock
 from django_apee.store.holder import Identity
@@ -64,7 +64,13 @@ class Runtime:
         options = backend.options
         self.alias = backend.alias
         metrics.configure(self.alias, enabled=options.metrics)
-        self.events = metrics.AliasMetrics(self.alias)
+        #: The engine's event sink: the metrics, also recorded per request
+        #: while a debugging tool traces (observe/trace.py).
+        self.events = (
+            trace.TracedEvents(self.alias)
+            if trace.enabled()
+            else metrics.AliasMetrics(self.alias)
+        )
         self.store = BackendStore(backend)
         #: Redis's clock, sampled from the primary: entries are stamped with
         #: it and the lean hit path judges their age by it.

@@ -1,0 +1,23 @@
+"""URLs for the django-debug-toolbar panel test: the toolbar's and one view."""
+
+from django.http import HttpRequest, HttpResponse
+from django.urls import URLPattern, URLResolver, include, path
+
+from django_apee import get_or_set_stampede_safe
+
+
+def report(request: HttpRequest) -> HttpResponse:
+    """Two stampede-safe calls of one key: the first computes, the second hits."""
+    first = get_or_set_stampede_safe(
+        "toolbar-report", lambda: "computed", 60, cache="toolbar"
+    )
+    second = get_or_set_stampede_safe(
+        "toolbar-report", lambda: "again", 60, cache="toolbar"
+    )
+    return HttpResponse(f"<html><body><p>{first} {second}</p></body></html>")
+
+
+urlpatterns: list[URLPattern | URLResolver] = [
+    path("report/", report),
+    path("__debug__/", include("debug_toolbar.urls")),
+]
