@@ -21,10 +21,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.core.cache.backends.base import (
+    DEFAULT_TIMEOUT,
+    default_key_func,
+    memcache_key_warnings,
+)
 
 from django_apee.core import MISSING
-from django_apee.observe import metrics
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -35,10 +38,15 @@ if TYPE_CHECKING:
     from django_apee.store.near import Near
 
 
+#: Made keys remembered per client (per thread and alias).
+MADE_KEYS = 4096
+
+
 class NearClientMixin:
     """Near-cache reads and local invalidation for one ApeeCache client."""
 
     _backend: ApeeCache
+    _made_keys: dict[tuple[str, int | None], Any]
 
     @property
     def _near(self) -> Near:
@@ -56,10 +64,9 @@ class NearClientMixin:
         client: Redis | None = None,
     ) -> Any:
         """A near hit costs a key, a dict lookup and one unpacking."""
-        made = self.make_key(key, version=version)  # type: ignore[attr-defined]
+        made = self._made_key(key, version)
         value = self._near.lookup(made)
         if value is not MISSING:
-            metrics.count_gets(self._backend.alias, 1, 0)
             return value
         return super().get(key, default, version=version, client=client)  # type: ignore[misc]
 
@@ -78,13 +85,38 @@ class NearClientMixin:
                 rest.append(key)
             else:
                 found[key] = value
-        if found:
-            metrics.count_gets(self._backend.alias, len(found), 0)
         if rest:
             if client is None:
                 client = self.get_client(write=True)  # type: ignore[attr-defined]
             found.update(super().get_many(rest, version=version, client=client))  # type: ignore[misc]
         return found
+
+    def _made_key(self, key: Any, version: int | None) -> Any:
+        """``make_key``, remembered for str keys that raise no key warning.
+
+        Making and validating a key is a third of a near hit. Django's key
+        function is a pure function of key, prefix and version; a key that
+        warned is made (and warns) every time, as without the near cache.
+        """
+        memo: dict[tuple[str, int | None], Any] | None = getattr(
+            self, "_made_keys", None
+        )
+        if memo is None:
+            memo = {}
+            self._made_keys = memo
+        found = memo.get((key, version)) if type(key) is str else None
+        if found is not None:
+            return found
+        made = self.make_key(key, version=version)  # type: ignore[attr-defined]
+        if (
+            type(key) is str
+            and self._backend.key_func is default_key_func
+            and next(iter(memcache_key_warnings(str(made))), None) is None
+        ):
+            if len(memo) >= MADE_KEYS:
+                memo.clear()
+            memo[(key, version)] = made
+        return made
 
     def _read_rows(self, client: Redis, made_keys: list[Any]) -> list[Any]:
         """The Redis read of ``get_many``, with each key reserved before it is

@@ -377,5 +377,10 @@ class AliasMetrics:
     def fallback(self, reason: str) -> None:
         FALLBACKS.labels(cache=self.alias, reason=reason).inc()
 
+    def near_served(self, hits: int) -> None:
+        """``hits`` get keys answered from the near cache: near and get hits."""
+        self.near_hits.inc(hits)
+        count_gets(self.alias, hits, 0)
+
     def unreadable(self, reason: str) -> None:
         SERIALIZATION_ERRORS.labels(cache=self.alias, reason=reason).inc()

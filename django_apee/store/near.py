@@ -32,7 +32,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from django_apee.core import MISSING, policy
-from django_apee.core.near import ENTRY_OVERHEAD, Limits, NearEvents, NearStore
+from django_apee.core.near import ENTRY_OVERHEAD, Limits, NearEvents, NearStore, Tally
 from django_apee.core.wire import DecodeError
 from django_apee.store.tracking import Tracker
 
@@ -89,8 +89,13 @@ class Near:
         self.envelope = envelope
         self.rules = rules
         self.events = events
-        self.tracker = Tracker(connect, prefix, self._invalidated, self._reset)
+        self.tracker = Tracker(
+            connect, prefix, self._invalidated, self._reset, on_tick=self.count
+        )
         self.flushes = 0
+        #: Near hits not yet counted in the metrics (``count`` does, from the
+        #: tracking thread every heartbeat).
+        self.hits = Tally()
 
     # -- the hit path ---------------------------------------------------------
 
@@ -111,7 +116,7 @@ class Near:
             except DecodeError:
                 self.store.invalidate([made])
                 return MISSING
-        self.events.near_hits.inc()
+        self.hits.add()
         return value
 
     # -- filling ------------------------------------------------------------
@@ -181,10 +186,17 @@ class Near:
         self.flushes += 1
         self.events.near_flushes.inc()
 
+    def count(self) -> None:
+        """Hand the near hits counted since the last call to the metrics."""
+        hits = self.hits.take()
+        if hits:
+            self.events.near_served(hits)
+
     def close(self) -> None:
         """Stop tracking and serve nothing more (the configuration is gone)."""
         self.tracker.stop()
         self.store.flush()
+        self.count()
 
     def _invalidated(self, keys: list[str] | None) -> None:
         if keys is None:
@@ -199,6 +211,7 @@ class Near:
 
     def figures(self) -> dict[str, Any]:
         """This process's near cache now (JSON-ready), for apee_stats and tests."""
+        self.count()
         return {
             **self.store.figures(),
             "flushes": self.flushes,

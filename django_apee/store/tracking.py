@@ -97,11 +97,15 @@ class Tracker:
         *,
         heartbeat: float = HEARTBEAT,
         liveness: float = LIVENESS,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         self._connect = connect
         self.prefix = prefix
         self._on_invalidate = on_invalidate
         self._on_reset = on_reset
+        #: Called by the thread once a heartbeat, whatever the connection
+        #: does (the near cache counts its hits there, off the hit path).
+        self._on_tick = on_tick
         self.heartbeat = heartbeat
         self.liveness = liveness
         #: Monotonic time a PING was sent whose PONG came back on a
@@ -189,6 +193,13 @@ class Tracker:
             [key.decode() if isinstance(key, bytes) else str(key) for key in keys]
         )
 
+    def _tick(self) -> None:
+        if self._on_tick is not None:
+            try:
+                self._on_tick()
+            except Exception:  # counting must not end the tracking
+                logger.debug("django_apee: near cache tick failed", exc_info=True)
+
     def _lost(self) -> None:
         if self.stopped:
             return
@@ -206,6 +217,7 @@ def _run(ref: weakref.ReferenceType[Tracker]) -> None:
         tracker = ref()
         if tracker is None or tracker.stopped:
             break
+        tracker._tick()
         try:
             if connection is None:
                 connection = tracker._subscribe()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from django_apee.core.near import PLACEHOLDER_BYTES, Limits, NearStore
+from django_apee.core.near import PLACEHOLDER_BYTES, Limits, NearStore, Tally
 
 
 def filled(store: NearStore, key: str, entry: object, size: int) -> bool:
@@ -168,3 +168,25 @@ def test_threads_keep_the_bounds() -> None:
     assert len(store) <= 50
     assert store.bytes <= 5000
     assert store.bytes == sum(size for _, size in store._items.values())
+
+
+def test_tally_hands_out_every_count_once_across_threads() -> None:
+    tally = Tally()
+    taken: list[int] = []
+
+    def add() -> None:
+        for _ in range(5000):
+            tally.add()
+
+    def take() -> None:
+        for _ in range(200):
+            taken.append(tally.take())
+
+    threads = [threading.Thread(target=add) for _ in range(3)]
+    threads.append(threading.Thread(target=take))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(taken) + tally.take() == 15_000
+    assert tally.take() == 0
