@@ -120,6 +120,8 @@ def _near(backend: ApeeCache, runtime: Runtime) -> Near:
         lambda: tracking_connection(runtime.store.connection()),
         tracking_prefix(backend),
         runtime.events,
+        # Traced events are recorded in the request that caused them.
+        count_inline=trace.enabled(),
     )
 
 

@@ -84,6 +84,8 @@ class Near:
         connect: Callable[[], AbstractConnection],
         prefix: str,
         events: NearEvents,
+        *,
+        count_inline: bool = False,
     ) -> None:
         self.store = NearStore(limits)
         self.envelope = envelope
@@ -96,6 +98,9 @@ class Near:
         #: Near hits not yet counted in the metrics (``count`` does, from the
         #: tracking thread every heartbeat).
         self.hits = Tally()
+        #: Count each hit as it happens instead (a debugging tool records
+        #: events per request: ``observe/trace.py``).
+        self.count_inline = count_inline
 
     # -- the hit path ---------------------------------------------------------
 
@@ -116,7 +121,10 @@ class Near:
             except DecodeError:
                 self.store.invalidate([made])
                 return MISSING
-        self.hits.add()
+        if self.count_inline:
+            self.events.near_served(1)
+        else:
+            self.hits.add()
         return value
 
     # -- filling ------------------------------------------------------------
