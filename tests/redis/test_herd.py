@@ -426,19 +426,29 @@ def test_async_cold_wait_leaves_the_thread_sensitive_thread_free(make_cache, raw
 def run_herd_workers(make_cache, raw, options, processes=2, threads=12, seconds=3.5):
     """Cache-aside readers in ``processes`` x ``threads``; return the computes.
 
-    The key is written before they start, to go stale 0.95 s into the run:
-    the test is about expiries, not the very first fill.
+    The key is written before they start, to need its first recompute
+    0.95 s into the run: the test is about expiries, not the very first
+    fill.
     """
     counter = f"herd-test-computes-{time.monotonic_ns()}"
     # Children need time to start Django: on a loaded machine, 2 s was not
     # always enough, and a child that starts after the end computes nothing.
     start = time.time() + 4.0
+    # Values go stale 1 s after they are written and expire 1 s later: a
+    # refresh has a second to land before readers see a hard miss (with the
+    # default 0.95 ratio of a 1 s timeout it had 50 ms, and a loaded machine
+    # once took longer). Still one expiry per second of the run.
+    ratio = 0.5
+    options = {"SOFT_TIMEOUT_RATIO": ratio, **options}
     _, cache = make_cache(**options)
-    cache.set("hot", "generation 0", start - time.time() + 1.0)
+    # The first recompute is due 0.95 s into the run: at the soft timeout
+    # with herd mode, at the hard one without.
+    due = start - time.time() + 0.95
+    cache.set("hot", "generation 0", due / ratio if options.get("HERD", True) else due)
     job = {
         "options": options,
         "key": "hot",
-        "timeout": 1.0,
+        "timeout": 2.0,
         "compute": 0.02,
         "threads": threads,
         "counter": counter,
@@ -474,10 +484,11 @@ def run_herd_workers(make_cache, raw, options, processes=2, threads=12, seconds=
 def test_cache_aside_code_across_processes_computes_once_per_expiry(
     make_cache, raw_redis
 ):
-    # 2 processes x 12 threads read one key for 3.5 s with a 1 s timeout: a
-    # refresh every 0.95 s or a little less (once the compute time is
-    # known), so 3 or 4 computes, against one per thread at every expiry
-    # without herd mode (the comparison below shows the test can fail).
+    # 2 processes x 12 threads read one key for 3.5 s that goes stale every
+    # second (2 s timeout, SOFT_TIMEOUT_RATIO 0.5): a refresh every second
+    # or a little less (once the compute time is known), so 3 or 4 computes,
+    # against one per thread at every expiry without herd mode (the
+    # comparison below shows the test can fail).
     computes, outcomes = run_herd_workers(make_cache, raw_redis, {})
     assert sum(o["errors"] for o in outcomes) == 0
     assert sum(o["reads"] for o in outcomes) > 1000
