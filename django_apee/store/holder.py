@@ -27,6 +27,11 @@ of the old primary mean nothing on the new one.
 holders are then ended by their lease's expiry (slower, never wrong); a
 warning says so once a minute, and the system check apee.W007 says it at
 deploy time.
+
+On Redis Cluster a client id means something on one node only, and one
+identity connection cannot be on every node: leases taken through a client
+without a single pool (``RedisCluster``) name no holder, and dead holders
+are ended by their lease's expiry, as under NOPERM.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ class Identity:
         self._lock = threading.Lock()
         self._client: Redis | None = None
         self._id: int | None = None
-        #: The ACL refuses CLIENT ID: leases name nobody, not asked again.
+        #: The ACL refuses CLIENT ID, or the client has no single pool (a
+        #: cluster): leases name nobody, not asked again.
         self.denied = False
 
     def client(self) -> Redis:
@@ -88,6 +94,9 @@ class Identity:
         if known is not None or self.denied:
             return known
         with self._lock:
+            if not hasattr(self._connect(), "connection_pool"):
+                self.denied = True  # a cluster: client ids are per node
+                return None
             try:
                 client = self._ensure()
                 found = int(client.client_id())

@@ -60,8 +60,15 @@ def acl_rule(channel: str, user: str | None = None) -> str:
 
 
 def acl_user(client: Redis) -> str:
-    """The ACL user a client authenticates as, from its settings (no I/O)."""
-    kwargs = getattr(client.connection_pool, "connection_kwargs", {})
+    """The ACL user a client authenticates as, from its settings (no I/O).
+
+    A RedisCluster has no single pool; its nodes share its connection kwargs.
+    """
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        kwargs = getattr(pool, "connection_kwargs", {})
+    else:
+        kwargs = getattr(client, "get_connection_kwargs", dict)()
     return str(kwargs.get("username") or "default")
 
 

@@ -245,3 +245,15 @@ def test_one_cluster_per_process_and_a_new_one_after_fork(cluster, cluster_alias
     assert fresh is True
     assert seen == 1
     assert cache.get("from-parent") == 1
+
+
+def test_deploy_checks_look_at_a_cluster_without_failing(cluster_alias):
+    from django_apee import checks
+    from django_apee.store.wake import acl_user
+
+    alias = cluster_alias()
+    assert acl_user(caches[alias].client.get_client()) == "default"
+    with override_settings(CACHES={alias: settings.CACHES[alias]}):
+        found = checks.check_redis() + checks.check_wake_channel()
+    assert "apee.W001" not in [message.id for message in found], found
+    assert "apee.W006" not in [message.id for message in found], found
