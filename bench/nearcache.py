@@ -187,6 +187,7 @@ def bench_coherence(url: str, writes: int, poll: float) -> dict[str, Any]:
         "p99_ms": quantile(delays, 0.99),
         "max_ms": delays[-1] if delays else None,
         "delays_ms": delays,
+        "written": written,
         "near": {"before": near_hits_before, "after": cache.runtime.near.figures()},
     }
 

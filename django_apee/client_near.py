@@ -127,7 +127,7 @@ class NearClientMixin:
         flat: list[Any] = super()._read_rows(client, made_keys)  # type: ignore[misc]
         for i, ticket in enumerate(tickets):
             if ticket is not None:
-                near.fill(ticket, flat[3 * i], int(flat[3 * i + 1]), sent)
+                near.fill(ticket, flat[3 * i], sent, pttl_ms=int(flat[3 * i + 1]))
         return flat
 
     # -- writes: forget after Redis has them --------------------------------------

@@ -122,6 +122,7 @@ def _near(backend: ApeeCache, runtime: Runtime) -> Near:
         runtime.events,
         # Traced events are recorded in the request that caused them.
         count_inline=trace.enabled(),
+        redis_now=runtime.clock.latest_ms,
     )
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from django_apee.core import MISSING, policy
 from django_apee.core.near import ENTRY_OVERHEAD, Limits, NearEvents, NearStore, Tally
 from django_apee.core.wire import DecodeError
+from django_apee.store.clock import DRIFT_PPM
 from django_apee.store.tracking import Tracker
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class Near:
         events: NearEvents,
         *,
         count_inline: bool = False,
+        redis_now: Callable[[], float | None] | None = None,
     ) -> None:
         self.store = NearStore(limits)
         self.envelope = envelope
@@ -101,6 +103,9 @@ class Near:
         #: Count each hit as it happens instead (a debugging tool records
         #: events per request: ``observe/trace.py``).
         self.count_inline = count_inline
+        #: The latest Redis time it can be now (``RedisClock.latest_ms``),
+        #: for reads that bring no PTTL.
+        self.redis_now = redis_now
 
     # -- the hit path ---------------------------------------------------------
 
@@ -138,14 +143,23 @@ class Near:
             return None
         return self.store.reserve(made)
 
-    def fill(self, ticket: Ticket, raw: Any, pttl_ms: int, sent_at: float) -> None:
+    def fill(
+        self,
+        ticket: Ticket,
+        raw: Any,
+        sent_at: float,
+        pttl_ms: int | None = None,
+    ) -> None:
         """Keep what a read sent at ``sent_at`` found under ``ticket.key``.
 
-        ``raw`` is the stored bytes (falsy: absent), ``pttl_ms`` the key's
-        PTTL read with them. Unreadable bytes are not kept (the Redis read
-        counts them); nor is anything that is not FRESH.
+        ``raw`` is the stored bytes (falsy: absent). With ``pttl_ms`` (the
+        key's PTTL, read with them) the entry's age comes from it; without,
+        from the write time the envelope carries, in Redis's clock
+        (``redis_now``). Unreadable bytes are not kept (the Redis read
+        counts them); nor is anything that is not FRESH, or whose freshness
+        only a PTTL could tell and none came.
         """
-        entry = self._entry(ticket.key, raw, pttl_ms, sent_at)
+        entry = self._entry(ticket.key, raw, sent_at, pttl_ms)
         if entry is None:
             self.store.release(ticket)
             return
@@ -156,7 +170,7 @@ class Near:
             self.events.near_evictions.inc(evicted)
 
     def _entry(
-        self, made: str, raw: Any, pttl_ms: int, sent_at: float
+        self, made: str, raw: Any, sent_at: float, pttl_ms: int | None
     ) -> tuple[float, int, int, Any] | None:
         if not raw or pttl_ms == -2:
             return None
@@ -175,10 +189,38 @@ class Near:
             kind, codec, payload, meta = VALUE, 0, value, None
         else:
             kind = PAYLOAD
-        left = fresh_left_ms(meta, pttl_ms, self.rules)
-        if left <= 0:
+        if pttl_ms is not None:
+            left = fresh_left_ms(meta, pttl_ms, self.rules)
+            if left <= 0:
+                return None
+            return (sent_at + left / 1000.0, kind, codec, payload)
+        until = self._fresh_until_local(meta)
+        return None if until is None else (until, kind, codec, payload)
+
+    def _fresh_until_local(self, meta: Meta | None) -> float | None:
+        """When (this process's monotonic clock) an entry stops being FRESH,
+        judged from its envelope alone; None if it is not FRESH now or only
+        its PTTL could tell.
+
+        A raw int carries no metadata: its TTL is Redis's alone, and Redis
+        may delete an expired key some time after its TTL (its expiry cycle
+        samples), so without a PTTL it is not kept. The deadline in Redis's
+        clock is met early, never late: ``latest_ms`` is the latest Redis
+        time it can be now, and the span left is shortened by the two
+        clocks' largest drift.
+        """
+        if meta is None:
             return None
-        return (sent_at + left / 1000.0, kind, codec, payload)
+        until = policy.fresh_until_ms(meta, self.rules)
+        if until == policy.NO_DEADLINE:
+            return FOREVER
+        if until == policy.UNDECIDED or self.redis_now is None:
+            return None
+        now = time.monotonic()
+        latest = self.redis_now()
+        if latest is None or latest >= until:
+            return None
+        return now + (until - latest) * (1 - DRIFT_PPM / 1e6) / 1000.0
 
     # -- forgetting -----------------------------------------------------------
 

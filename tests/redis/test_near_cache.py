@@ -182,3 +182,29 @@ def test_apee_stats_shows_the_fleets_near_counters(make_cache: Made) -> None:
     call_command("apee_stats", "--cache", alias, stdout=out)
     assert "near share of hits" in out.getvalue()
     assert "near invalidations" in out.getvalue()
+
+
+def test_a_read_without_pttl_is_judged_by_the_write_time_in_redis_clock(
+    near_cache: ApeeCache, raw_redis: redis.Redis
+) -> None:
+    """What the lean path (a plain GET) brings: the bytes alone."""
+    near = near_of(near_cache)
+    warm_key = "warm"
+    near_cache.set(warm_key, 1, 60)
+    warm(near_cache, warm_key)  # tracking is up
+    near_cache.set("k", {"v": 1}, 10)  # soft timeout 9.5 s
+    made = near_cache.client.make_key("k")
+    ticket = near.reserve(made)
+    assert ticket is not None
+    sent = time.monotonic()
+    near.fill(ticket, raw_redis.get(made), sent)
+    entry = near.store.get(made)
+    assert entry is not None
+    assert sent < entry[0] <= time.monotonic() + 9.5
+    assert near.lookup(made) == {"v": 1}
+    # A raw int has no write time: without its PTTL it is not kept.
+    raw_redis.set(made, b"3", px=60_000)
+    ticket = near.reserve(made)
+    assert ticket is not None
+    near.fill(ticket, raw_redis.get(made), time.monotonic())
+    assert near.store.get(made) is None
