@@ -1058,9 +1058,9 @@ def test_each_reason_is_logged_once_per_backend(redis_url, raw_redis, caplog, al
 def test_reason_is_logged_once_across_threads(redis_url, raw_redis, caplog, alias):
     """Django gives each thread its own backend; the log limit must hold anyway.
 
-    The README promises a warning "at most once a minute per reason"; a
-    threaded server (gthread, runserver, ASGI's sync threads) reads through
-    one ``caches[alias]`` instance per thread.
+    docs/concepts/envelope.rst promises a warning "at most once a minute per
+    reason"; a threaded server (gthread, runserver, ASGI's sync threads)
+    reads through one ``caches[alias]`` instance per thread.
     """
     caplog.set_level(logging.WARNING, logger="django_apee")
     errors: list[BaseException] = []

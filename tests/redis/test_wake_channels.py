@@ -408,22 +408,22 @@ def test_a_denied_publish_from_another_thread_does_not_disturb_the_hub(
         assert "may not PUBLISH" in warning.msg
 
 
-# -- the README's ACL rule -----------------------------------------------------------
+# -- the documented ACL rule (docs/howto/acl.rst) ------------------------------------
 
 
-def readme_acl_lines() -> list[list[str]]:
-    readme = Path(__file__).resolve().parents[2] / "README.rst"
+def documented_acl_lines() -> list[list[str]]:
+    page = Path(__file__).resolve().parents[2] / "docs" / "howto" / "acl.rst"
     lines = [
         line.split()
-        for line in readme.read_text().splitlines()
+        for line in page.read_text().splitlines()
         if line.strip().startswith("ACL SETUSER shop ")
     ]
     assert len(lines) == 3
     return [[w.replace("<password>", "pw") for w in line[2:]] for line in lines]
 
 
-def test_the_readme_acl_rule_is_enough(acl_server, admin):
-    for rule in readme_acl_lines():
+def test_the_documented_acl_rule_is_enough(acl_server, admin):
+    for rule in documented_acl_lines():
         admin.execute_command("ACL", "SETUSER", *rule)
     admin.execute_command("ACL", "LOG", "RESET")
     url = f"redis://shop:pw@127.0.0.1:{acl_server.port}/0"
