@@ -20,6 +20,12 @@ ApeeCache's retries sleep no backoff. Each attempt may need a new connection
 (a failed one is dropped), so each may spend ``Tc`` connecting and ``Ts``
 waiting for a reply.
 
+That is for a Redis that stops answering (frozen, blackholed, its host
+gone): the first reply that does not come ends the attempt. One that answers
+slowly, each reply within ``Ts``, times nothing out; a command then costs its
+round trips, and on a new connection redis-py's handshake first (HELLO or
+AUTH, CLIENT SETNAME, two CLIENT SETINFO, SELECT: up to 5 more).
+
 A ``get_or_set_stampede_safe`` caller whose Redis stops answering waits at
 most ``B + C`` (``caller_bound``), ``C`` being the compute: its first Redis
 command that fails sends it to compute locally (and after
