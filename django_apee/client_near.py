@@ -133,7 +133,7 @@ class NearClientMixin:
     # -- writes: forget after Redis has them --------------------------------------
 
     def _forget(self, keys: Iterable[Any], version: int | None) -> None:
-        self._near.forget(
+        self._near.wrote(
             [self.make_key(key, version=version) for key in keys]  # type: ignore[attr-defined]
         )
 
@@ -183,7 +183,7 @@ class NearClientMixin:
             )
         finally:
             made = self.make_key(key, version=version, prefix=prefix)  # type: ignore[attr-defined]
-            self._near.forget([made])
+            self._near.wrote([made])
         return deleted
 
     def delete_many(
@@ -235,14 +235,14 @@ class NearClientMixin:
         try:
             super().clear(client=client)  # type: ignore[misc]
         finally:
-            self._near.clear()
+            self._near.cleared()
 
     def delete_pattern(self, *args: Any, **kwargs: Any) -> int:
         """Keys matched by a pattern are not known here: everything goes."""
         try:
             deleted: int = super().delete_pattern(*args, **kwargs)  # type: ignore[misc]
         finally:
-            self._near.clear()
+            self._near.cleared()
         return deleted
 
 

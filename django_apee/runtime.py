@@ -16,6 +16,7 @@ connection the fleet counters' destination.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from django_apee.core.process import Registry
@@ -110,20 +111,31 @@ class Runtime:
             self.near.close()
 
 
+#: This process's near caches by LOCATION and tracked prefix: aliases that
+#: share keys (another VERSION of the same cache) forget a key together
+#: when the process writes it, instead of waiting for Redis to tell them.
+NEAR_PEERS: Registry[weakref.WeakSet[Near]] = Registry()
+
+
 def _near(backend: ApeeCache, runtime: Runtime) -> Near:
     """The alias's near cache, tracking every key its KEY_FUNCTION can make."""
     assert backend.options.near_cache is not None
-    return Near(
+    prefix = tracking_prefix(backend)
+    near = Near(
         backend.options.near_cache,
         backend.envelope,
         backend.options.policy,
         lambda: tracking_connection(runtime.store.connection()),
-        tracking_prefix(backend),
+        prefix,
         runtime.events,
         # Traced events are recorded in the request that caused them.
         count_inline=trace.enabled(),
         redis_now=runtime.clock.latest_ms,
     )
+    peers = NEAR_PEERS.get((str(backend._server), prefix), weakref.WeakSet)
+    peers.add(near)
+    near.peers = peers
+    return near
 
 
 def tracking_prefix(backend: ApeeCache) -> str:

@@ -38,7 +38,7 @@ from django_apee.store.clock import DRIFT_PPM
 from django_apee.store.tracking import Tracker
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, MutableSet
 
     from redis.connection import AbstractConnection
 
@@ -106,6 +106,9 @@ class Near:
         #: The latest Redis time it can be now (``RedisClock.latest_ms``),
         #: for reads that bring no PTTL.
         self.redis_now = redis_now
+        #: Every near cache of this process over the same keys, this one
+        #: included (``runtime.py`` shares the set); None: only this one.
+        self.peers: MutableSet[Near] | None = None
 
     # -- the hit path ---------------------------------------------------------
 
@@ -225,16 +228,34 @@ class Near:
     # -- forgetting -----------------------------------------------------------
 
     def forget(self, made_keys: Iterable[str]) -> None:
-        """This process wrote or deleted ``made_keys``: drop them now."""
+        """Drop ``made_keys`` (Redis said they changed)."""
         removed = self.store.invalidate(made_keys)
         if removed:
             self.events.near_invalidations.inc(removed)
 
     def clear(self) -> None:
-        """Everything goes (``cache.clear()``, a lost tracking connection)."""
+        """Everything goes (FLUSHDB, a lost tracking connection)."""
         self.store.flush()
         self.flushes += 1
         self.events.near_flushes.inc()
+
+    def wrote(self, made_keys: Iterable[str]) -> None:
+        """This process wrote or deleted ``made_keys``: drop them now, here
+        and in every near cache of this process over the same keys (another
+        alias with the same LOCATION and prefix, e.g. another VERSION), so
+        no alias of the process reads an older value after the write."""
+        made_keys = list(made_keys)
+        for near in self._peers():
+            near.forget(made_keys)
+
+    def cleared(self) -> None:
+        """This process emptied the database (``cache.clear()``): all of
+        its near caches over it are emptied now."""
+        for near in self._peers():
+            near.clear()
+
+    def _peers(self) -> list[Near]:
+        return list(self.peers) if self.peers is not None else [self]
 
     def count(self) -> None:
         """Hand the near hits counted since the last call to the metrics."""

@@ -208,3 +208,22 @@ def test_a_read_without_pttl_is_judged_by_the_write_time_in_redis_clock(
     assert ticket is not None
     near.fill(ticket, raw_redis.get(made), time.monotonic())
     assert near.store.get(made) is None
+
+
+def test_a_write_through_another_alias_over_the_same_keys_is_read_at_once(
+    make_cache: Made,
+) -> None:
+    """Django's own tests write through caches["v2"] and read through
+    "default": aliases of one process over the same keys forget together."""
+    _, first = make_cache(NEAR_CACHE=True)
+    _, second = make_cache(NEAR_CACHE={"MAX_ENTRIES": 100})
+    first.set("k", 1, 60)
+    warm(first, "k")
+    warm(second, "k")
+    for value in range(2, 30):
+        second.set("k", value, 60)
+        assert first.get("k") == value
+        first.incr("k")
+        assert second.get("k") == value + 1
+    second.clear()
+    assert first.get("k") is None
