@@ -45,9 +45,11 @@ from typing import TYPE_CHECKING, Any
 from django.core.cache.backends.base import InvalidCacheKey, get_key_func
 from django.core.exceptions import ImproperlyConfigured
 from django_redis.client import DefaultClient
+from django_redis.exceptions import ConnectionInterrupted
 from django_redis.util import CacheKey
 from redis.cluster import REDIS_ALLOWED_KEYS, RedisCluster
 from redis.connection import SSLConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from django_apee.client import GET_CHUNK, ApeeClientMixin
 from django_apee.client_inplace import interrupted
@@ -55,6 +57,7 @@ from django_apee.conf import Problem, fingerprint
 from django_apee.core.keys import LEASE, companion, hash_tag, same_slot
 from django_apee.core.process import Registry
 from django_apee.store import scripts
+from django_apee.store.errors import REDIS_ERRORS
 from django_apee.store.slots import Cluster, by_slot
 
 if TYPE_CHECKING:
@@ -90,6 +93,16 @@ _NODE_KWARGS = frozenset(REDIS_ALLOWED_KEYS) - {"host", "port", "retry"}
 
 class CrossSlotKey(InvalidCacheKey):  # type: ignore[misc]
     """A key whose lease could not share its Redis Cluster hash slot."""
+
+
+class ClusterUnreachable(ConnectionInterrupted, RedisConnectionError):  # type: ignore[misc]
+    """No startup node answered while the RedisCluster was being built.
+
+    Building it asks a node for the slot map, so unlike a django-redis
+    client, getting the client can fail. It is both django-redis's
+    ConnectionInterrupted (what IGNORE_EXCEPTIONS acts on, raised by plain
+    methods) and a redis ConnectionError (what the engine falls back on).
+    """
 
 
 def cluster_kwargs(servers: Iterable[str], options: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +207,10 @@ class ApeeClusterClient(ApeeClientMixin, DefaultClient):  # type: ignore[misc]
         self, write: bool = True, tried: list[int] | None = None
     ) -> Cluster:
         """The process's RedisCluster; it routes reads and writes itself."""
-        return CLUSTERS.get(self._cluster_key, self.connect)
+        try:
+            return CLUSTERS.get(self._cluster_key, self.connect)
+        except REDIS_ERRORS as error:
+            raise ClusterUnreachable(connection=None) from error  # type: ignore[call-arg]
 
     def get_client_with_index(
         self, write: bool = True, tried: list[int] | None = None

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from redis.client import Pipeline
 from redis.cluster import ClusterPipeline
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -98,7 +98,8 @@ def run_many(
         for i, one in zip(missed, again, strict=True):
             results[i] = one
     for one in results:
-        if isinstance(one, ResponseError):
+        # A cluster pipeline also answers a node's ConnectionError this way.
+        if isinstance(one, Exception):
             raise one
     return results
 

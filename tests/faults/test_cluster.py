@@ -257,3 +257,25 @@ def test_deploy_checks_look_at_a_cluster_without_failing(cluster_alias):
         found = checks.check_redis() + checks.check_wake_channel()
     assert "apee.W001" not in [message.id for message in found], found
     assert "apee.W006" not in [message.id for message in found], found
+
+
+def test_a_cluster_nobody_answers_fails_open(settings):
+    """No startup node reachable: stampede-safe calls compute, plain ones
+    raise what redis-py raised, as django-redis does (IGNORE_EXCEPTIONS:
+    they return their default)."""
+    from redis.exceptions import RedisClusterException
+
+    from tests.support.nodes import free_ports
+
+    (port,) = free_ports(1)  # nobody listens there
+    dead = {
+        "BACKEND": "django_apee.cache.ApeeCache",
+        "LOCATION": f"redis://127.0.0.1:{port}",
+        "OPTIONS": {"CLIENT_CLASS": CLIENT},
+    }
+    quiet = {**dead, "OPTIONS": {**dead["OPTIONS"], "IGNORE_EXCEPTIONS": True}}
+    with override_settings(CACHES={**settings.CACHES, "dead": dead, "quiet": quiet}):
+        assert caches["dead"].get_or_set_stampede_safe("k", lambda: "v", 60) == "v"
+        with pytest.raises(RedisClusterException, match="cannot be connected"):
+            caches["dead"].get("k")
+        assert caches["quiet"].get("k", "default") == "default"
