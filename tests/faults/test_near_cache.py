@@ -175,3 +175,41 @@ def test_a_forked_child_has_its_own_near_cache(make_cache: Made) -> None:
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         os.close(read)
+
+
+def test_a_silent_tracking_connection_stops_near_hits(
+    make_cache: Made, redis_url: str
+) -> None:
+    """A blackholed network: no error, no invalidation, no PONG. Near hits
+    stop once the last confirmation is older than LIVENESS, never serving a
+    value written meanwhile after that; and the near cache comes back."""
+    from tests.support.faulty_proxy import FaultyProxy
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = FaultyProxy(port).start()
+    try:
+        _, cache = make_cache(location=proxy.url, NEAR_CACHE=True)
+        near = cache.runtime.near
+        assert near is not None
+        cache.set("k", "old", 600)
+        warm(cache, "k")
+        made = cache.client.make_key("k")
+        proxy.blackhole()
+        direct = redis.Redis.from_url(redis_url)
+        direct.set(made, b"5")  # written where this process cannot hear it
+        from django_apee.core import MISSING
+
+        served: list[Any] = []
+        began = time.monotonic()
+        assert eventually(
+            lambda: served.append(near.lookup(made)) or served[-1] is MISSING
+        )
+        stopped_after = time.monotonic() - began
+        assert stopped_after < near.tracker.liveness + 5  # generous on a busy host
+        # Once stopped, never again while the link is silent.
+        assert all(near.lookup(made) is MISSING for _ in range(100))
+        proxy.restore()
+        assert eventually(lambda: cache.get("k") == 5)
+        direct.close()
+    finally:
+        proxy.close()
