@@ -213,3 +213,34 @@ def test_a_silent_tracking_connection_stops_near_hits(
         direct.close()
     finally:
         proxy.close()
+
+
+def test_sentinel_failover_leaves_nothing_stale(make_cache: Made) -> None:
+    """Through Sentinel: tracking follows the primary, the failover drops it
+    (a flush), and after it the near cache serves what the new primary has."""
+    from tests.support.sentinel_group import SentinelGroup
+
+    group = SentinelGroup()
+    try:
+        group.start()
+        _, cache = make_cache(
+            location=group.location, **group.cache_options(NEAR_CACHE=True)
+        )
+        near = cache.runtime.near
+        assert near is not None
+        cache.set("k", "before", 600)
+        warm(cache, "k")  # reads that fill go to the primary, not a replica
+        old = group.primary()
+        with group.client_for(old, socket_timeout=6.0) as client:
+            assert client.execute_command("WAIT", 2, 5000) >= 2
+        losses = near.tracker.losses
+        group.kill_primary()
+        group.wait_new_primary(old, timeout=30)
+        assert eventually(lambda: near.tracker.losses > losses)
+        with group.client_for(group.primary()) as client:
+            client.set(cache.client.make_key("k"), b"7")
+        assert eventually(lambda: cache.get("k") == 7, bound=30)
+        warm(cache, "k")  # tracking re-established on the new primary
+        assert cache.get("k") == 7
+    finally:
+        group.close()
