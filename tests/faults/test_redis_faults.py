@@ -416,3 +416,50 @@ def test_slow_then_cut_then_timing_out_link_no_exception_waits_bounded(
         f"local compute {ms(recovered)} after the link recovered; scheduling "
         f"jitter {ms(load.jitter)}"
     )
+
+
+# -- a frozen sentinel -----------------------------------------------------------------
+
+
+def test_a_frozen_sentinel_costs_one_command_bound_not_redis_pys_ten_retries() -> None:
+    """Every new connection to the primary asks the sentinels where it is.
+
+    redis-py builds its connections to the sentinels as ``Redis(host,
+    port)``, which retries 10 times with up to 1 s of backoff each; ApeeCache
+    gives them its own policy (REDIS_RETRIES) too, so a frozen sentinel
+    costs its ``B`` and the next sentinel answers.
+    """
+    from tests.support.sentinel_group import SentinelGroup
+
+    options = {
+        "SOCKET_TIMEOUT": SOCKET_TIMEOUT,
+        "SOCKET_CONNECT_TIMEOUT": SOCKET_TIMEOUT,
+    }
+    with SentinelGroup() as group:
+        frozen = group.sentinel_nodes[0]
+        frozen.pause()
+        try:
+            with apee_alias(group.location, **group.cache_options(**options)) as alias:
+                started = time.monotonic()
+                value = get_or_set_stampede_safe(
+                    "sentinel:key", lambda: "computed", 60, cache=alias
+                )
+                took = time.monotonic() - started
+                sentinel_kwargs = caches[alias].options.redis_options.get(
+                    "SENTINEL_KWARGS", {}
+                )
+        finally:
+            frozen.resume()
+
+    # Only a command's bound for the frozen sentinel, then normal round trips.
+    policy = sentinel_kwargs.get("retry")
+    assert policy is not None
+    assert policy.get_retries() == 0
+    bound = (1 + policy.get_retries()) * (2 * SOCKET_TIMEOUT)
+    assert value == "computed"
+    assert took <= bound + 0.5, (took, bound)
+    print(
+        f"\nfrozen sentinel (first of 3), socket timeouts {ms(SOCKET_TIMEOUT)}: "
+        f"first get_or_set_stampede_safe {ms(took)} (one command's bound: "
+        f"{ms(bound)})"
+    )
