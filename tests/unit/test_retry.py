@@ -91,3 +91,20 @@ def test_the_bound_of_a_live_connection_is_read_from_it():
     assert connection_bound(connection) == pytest.approx(11 * 0.5 + 10 * 1.0)
     unbounded = Connection(socket_timeout=None, retry=retry)
     assert connection_bound(unbounded) == float("inf")
+
+
+def test_redis_pys_own_defaults_are_what_the_docs_say():
+    """docs/howto/faults.rst describes the installed redis-py's defaults:
+    a client built as Redis(host, port) (as Sentinel builds its connections
+    to the sentinels) retries 10 times with a backoff capped at 1 s; a pool
+    built from a URL, as django-redis builds them, does not retry. A
+    redis-py that changes them fails here, and the page needs a look."""
+    import redis
+
+    by_host = redis.Redis(host="127.0.0.1", port=9)
+    retry = by_host.get_retry()
+    assert retry is not None
+    assert retry.get_retries() == 10
+    assert backoff_bound(retry._backoff, 10) == 1.0
+    by_url = redis.ConnectionPool.from_url("redis://127.0.0.1:9/0")
+    assert by_url.make_connection().retry.get_retries() == 0
