@@ -55,25 +55,37 @@ def fleet_counters(
 ) -> dict[str, Any]:
     """Totals since the first flush, and the last few minutes' counts and rates.
 
-    The window is the last ``window_minutes`` minute buckets by Redis's clock,
+    On a cluster every shard of the counters is read and summed
+    (``fleet.SHARDS``). The window is the last ``window_minutes`` minute
+    buckets by Redis's clock,
     the current (partial) minute included; rates divide by its real length,
     or by the time since the fleet's first flush if that is shorter.
     """
     seconds, micros = client.time()
     minute = int(seconds) // 60
     pipeline = client.pipeline(transaction=False)
-    pipeline.hgetall(fleet.stats_key(key_prefix, alias))
-    for back in range(window_minutes):
-        pipeline.hgetall(fleet.minute_key(key_prefix, alias, minute - back))
-    totals_raw, *buckets = pipeline.execute()
+    shards = fleet.shards_of(client)  # one, except on a cluster
+    for shard in shards:
+        pipeline.hgetall(fleet.stats_key(key_prefix, alias, shard))
+        for back in range(window_minutes):
+            pipeline.hgetall(fleet.minute_key(key_prefix, alias, minute - back, shard))
+    answers = pipeline.execute()
+    totals: dict[str, int] = {}
     window: dict[str, int] = {}
-    for bucket in buckets:
-        for field, amount in _ints(bucket).items():
-            window[field] = window.get(field, 0) + amount
+    starts = []
+    for index, answer in enumerate(answers):
+        fields = _ints(answer)
+        if index % (window_minutes + 1) == 0:  # a shard's totals
+            if "_since" in fields:
+                starts.append(fields.pop("_since"))
+            into = totals
+        else:
+            into = window
+        for field, amount in fields.items():
+            into[field] = into.get(field, 0) + amount
     now = int(seconds) + int(micros) / 1e6
     elapsed = (window_minutes - 1) * 60 + now % 60
-    totals = _ints(totals_raw)
-    since = totals.pop("_since", None)
+    since = min(starts) if starts else None
     if since is not None:  # a fleet younger than the window: its real age
         elapsed = min(elapsed, max(now - since, 1.0))
     return {

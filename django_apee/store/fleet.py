@@ -14,6 +14,8 @@ Layout in Redis, per alias (``P`` is the alias's KEY_PREFIX, ``A`` its name)::
                                         expiring after an hour
 
 Both keys share one hash tag, so the script touches one Redis Cluster slot.
+On a cluster the counters are spread over ``SHARDS`` such pairs, one hash
+tag each, so one primary does not take every flush of the fleet.
 The minute is Redis's clock, not the app servers', so skewed hosts still
 land in the same bucket: each flush reads ``TIME`` first and passes both
 keys to the script (a script must declare every key it writes). Fields are
@@ -45,6 +47,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from redis.cluster import RedisCluster
+
 from django_apee.core.process import ProcessThread
 from django_apee.store import scripts
 
@@ -59,13 +63,33 @@ BUCKET_SECONDS = 3600
 DEFAULT_INTERVAL = 5.0
 
 
-def stats_key(key_prefix: str, alias: str) -> str:
-    """The totals hash of ``alias``; minute buckets append ``:m:<minute>``."""
-    return f"{PREFIX}{{{key_prefix}:{alias}}}"
+#: On Redis Cluster an alias's counters are spread over this many shards,
+#: each a totals hash and its minute buckets under a hash tag of its own (so
+#: a slot of its own): a process adds to shard ``pid % SHARDS``, and
+#: ``apee_stats`` sums them all. On one Redis there is one shard, shard 0,
+#: whose keys are the ones above.
+SHARDS = 16
 
 
-def minute_key(key_prefix: str, alias: str, minute: int) -> str:
-    return f"{stats_key(key_prefix, alias)}:m:{minute}"
+def stats_key(key_prefix: str, alias: str, shard: int = 0) -> str:
+    """The totals hash of ``alias`` (of one ``shard`` on a cluster); minute
+    buckets append ``:m:<minute>``."""
+    tag = f"{key_prefix}:{alias}" if shard == 0 else f"{key_prefix}:{alias}:{shard}"
+    return f"{PREFIX}{{{tag}}}"
+
+
+def minute_key(key_prefix: str, alias: str, minute: int, shard: int = 0) -> str:
+    return f"{stats_key(key_prefix, alias, shard)}:m:{minute}"
+
+
+def shards_of(client: Redis) -> range:
+    """The shards an alias's counters use on ``client``'s deployment."""
+    return range(SHARDS if isinstance(client, RedisCluster) else 1)
+
+
+def shard_for(client: Redis) -> int:
+    """The shard this process adds to: spread over the cluster by pid."""
+    return os.getpid() % len(shards_of(client))
 
 
 class Tally:
@@ -165,15 +189,20 @@ def _send(alias: str, fields: dict[str, int]) -> bool:
     args: list[Any] = [BUCKET_SECONDS, now]
     for field, amount in sorted(fields.items()):
         args += [field, amount]
-    keys = stats_keys(sink.key_prefix, alias, now)
+    keys = stats_keys(sink.key_prefix, alias, now, shard_for(client))
     scripts.run(client, "stats", keys=keys, args=args)
     return True
 
 
-def stats_keys(key_prefix: str, alias: str, unix_seconds: int) -> list[str]:
+def stats_keys(
+    key_prefix: str, alias: str, unix_seconds: int, shard: int = 0
+) -> list[str]:
     """The keys one flush writes at ``unix_seconds``: totals, then the minute."""
     minute = int(unix_seconds) // 60
-    return [stats_key(key_prefix, alias), minute_key(key_prefix, alias, minute)]
+    return [
+        stats_key(key_prefix, alias, shard),
+        minute_key(key_prefix, alias, minute, shard),
+    ]
 
 
 def interval(alias: str) -> float:

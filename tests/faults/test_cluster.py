@@ -10,7 +10,9 @@ protection across two aliases, one RedisCluster per process.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import threading
 import time
 import uuid
@@ -279,3 +281,65 @@ def test_a_cluster_nobody_answers_fails_open(settings):
         with pytest.raises(RedisClusterException, match="cannot be connected"):
             caches["dead"].get("k")
         assert caches["quiet"].get("k", "default") == "default"
+
+
+def test_apee_stats_reports_every_primary_and_sums_the_counter_shards(
+    cluster, cluster_alias
+):
+    import json
+    from importlib import resources
+    from io import StringIO
+
+    import jsonschema
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    from django_apee.store import fleet, scripts
+
+    schema = json.loads(
+        resources.files("django_apee.observe").joinpath("stats.schema.json").read_text()
+    )
+    prefix = f"st{uuid.uuid4().hex[:6]}"
+    alias = cluster_alias(KEY_PREFIX=prefix)
+    cache = caches[alias]
+    names = [f"stat-{n}" for n in range(30)]
+    cache.set_many(dict.fromkeys(names, "x" * 2000), timeout=60)
+    client = cache.client.get_client()
+    client.set(companion(cache.make_key("held"), LEASE), "a-holder", px=60_000)
+    # Two processes' flushes, on two shards (two slots): both are summed.
+    now = int(client.time()[0])
+    for shard, hits in ((3, 5), (11, 7)):
+        keys = fleet.stats_keys(prefix, alias, now, shard)
+        scripts.run(client, "stats", keys=keys, args=[3600, now, "hits", hits])
+    # The shards' slots are spread over every primary; a process adds to one.
+    owners = {
+        cluster.primary_for(fleet.stats_key(prefix, alias, shard))
+        for shard in fleet.shards_of(client)
+    }
+    assert len(owners) == cluster.primaries
+    assert fleet.shard_for(client) == os.getpid() % fleet.SHARDS
+
+    def run(*args: str) -> dict[str, Any]:
+        out = StringIO()
+        only = override_settings(CACHES={alias: settings.CACHES[alias]})
+        with only, contextlib.suppress(CommandError):  # --check: findings exit 1
+            call_command("apee_stats", "--json", *args, stdout=out)
+        document = json.loads(out.getvalue().splitlines()[0])
+        jsonschema.validate(document, schema)
+        (result,) = document["results"]
+        return result
+
+    overview = run()
+    assert [node["address"] for node in overview["nodes"]] == sorted(
+        f"127.0.0.1:{port}" for port in cluster.primary_ports()
+    )
+    assert overview["leases"]["count"] == 1
+    assert overview["fleet"]["totals"]["hits"] >= 12
+    scanned = run("--scan", "--top", "5")["scan"]
+    assert scanned["complete"]
+    assert scanned["scanned"] == len(names)
+    assert len(scanned["top"]) == 5
+    checks = run("--check")["lint"]["checks"]
+    assert {one["name"].split("@")[1] for one in checks} == {
+        f"127.0.0.1:{port}" for port in cluster.primary_ports()
+    }

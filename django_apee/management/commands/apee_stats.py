@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from django_apee.cache import ApeeCache
 from django_apee.conf import apee_aliases
-from django_apee.observe import server, stats
+from django_apee.observe import nodes, stats
 from django_apee.observe.text import printable, redact_url
 
 #: Exit status when --check finds something (errors reaching Redis exit 1).
@@ -128,12 +128,12 @@ class Command(BaseCommand):  # type: ignore[misc]
             backend = backend_of(alias)
             client = backend.client.get_client(write=True)
             if mode == "overview":
+                parts = nodes.overview_parts(client, backend.key_prefix)
                 return {
                     "alias": alias,
                     "location": location(backend),
-                    "server": server.health(client),
+                    **parts,
                     "fleet": stats.fleet_counters(client, backend.key_prefix, alias),
-                    "leases": stats.leases(client, backend.key_prefix),
                 }
             if mode == "key":
                 key, version = options["key"], options["key_version"]
@@ -150,9 +150,9 @@ class Command(BaseCommand):  # type: ignore[misc]
                 pattern = scan_pattern(
                     backend.key_prefix, options["scan"], options["all_keys"]
                 )
-                found = stats.scan_top(client, pattern, options["top"])
+                found = nodes.scan_top(client, pattern, options["top"])
                 return {"alias": alias, "scan": found}
-            return {"alias": alias, "lint": server.lint(client)}
+            return {"alias": alias, "lint": nodes.lint(client)}
 
         try:
             return guarded(alias, gather)
@@ -325,6 +325,15 @@ def _human_overview(result: dict[str, Any]) -> str:
                 "oldest lease",
                 f"{oldest['key']} by {oldest['holder']}, "
                 f"{oldest['age_seconds']:.1f} s old, {_ms(oldest['ttl_ms'])} left",
+            )
+        )
+    for node in result.get("nodes", ()):  # Redis Cluster: each primary
+        health = node["server"]
+        rows.append(
+            (
+                f"primary {node['address']}",
+                f"{_size(health['used_memory'])}, {health['maxmemory_policy']}, "
+                f"{health['evicted_keys']} evicted, {node['leases']['count']} leases",
             )
         )
     interval = fleet.get("interval")
