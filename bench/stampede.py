@@ -12,7 +12,10 @@ here, each peer in its own Redis DB:
   ``region.get_or_create``;
 - ``django``: Django's ``django.core.cache.backends.redis.RedisCache.get_or_set``;
 - ``django_redis``: django-redis ``get_or_set`` (DefaultClient);
-- ``herd``: django-redis ``get_or_set`` with its HerdClient.
+- ``herd``: django-redis ``get_or_set`` with its HerdClient;
+- ``apee_cluster``: ``apee`` on a 6-node Redis Cluster (3 primaries, 3
+  replicas, ``ApeeClusterClient``) started beside the server; not in
+  ``pause``, which freezes the single server.
 
 Scenarios (processes x threads, 4 x 16 by default):
 
@@ -88,13 +91,17 @@ PEERS: dict[str, tuple[str, int]] = {
     "django": ("Django RedisCache", 4),
     "django_redis": ("django-redis", 5),
     "herd": ("django-redis Herd", 6),
+    # Not on the single server: a 6-node Redis Cluster started beside it.
+    "apee_cluster": ("django-apee, 6-node cluster", 0),
 }
 SCENARIOS = ("cold", "hot", "long", "kill", "pause", "herd")
 #: The peers a scenario is for, when not all: ``herd`` is plain cache-aside
 #: code (get, compute, set), which only the Django cache backends run.
 SCENARIO_PEERS: dict[str, tuple[str, ...]] = {
-    "herd": ("apee", "apee_wait", "django", "django_redis"),
+    "herd": ("apee", "apee_wait", "django", "django_redis", "apee_cluster"),
 }
+#: Peers on the cluster: ``pause`` freezes the single server, not them.
+CLUSTER_PEERS = ("apee_cluster",)
 #: Peers that exist for one scenario only (an ApeeCache option made for it).
 ONE_SCENARIO_PEERS = ("apee_wait",)
 #: ``COLD_MISS_WAIT`` of the ``apee_wait`` peer, s: longer than the compute.
@@ -103,6 +110,8 @@ COLD_MISS_WAIT_S = 1.0
 
 def peers_for(scenario: str) -> tuple[str, ...]:
     default = tuple(p for p in PEERS if p not in ONE_SCENARIO_PEERS)
+    if scenario == "pause":
+        default = tuple(p for p in default if p not in CLUSTER_PEERS)
     return SCENARIO_PEERS.get(scenario, default)
 
 
@@ -319,6 +328,12 @@ def configure_django(cfg: dict) -> None:
                     "CLIENT_CLASS": "django_redis.client.HerdClient",
                 },
             },
+            "apee_cluster": {
+                "BACKEND": "django_apee.cache.ApeeCache",
+                "LOCATION": cfg.get("cluster_urls") or [base],
+                "OPTIONS": apee_options
+                | {"CLIENT_CLASS": "django_apee.cluster.ApeeClusterClient"},
+            },
         },
     )
     django.setup()
@@ -329,7 +344,7 @@ def make_peer(cfg: dict) -> Any:
     peer, ttl = cfg["peer"], cfg["ttl"]
     if cfg.get("aside"):
         return cache_aside(peer, ttl)
-    if peer == "apee":
+    if peer in ("apee", "apee_cluster"):
         from django_apee import get_or_set_stampede_safe
 
         ratio = cfg["apee_soft_ratio"]
@@ -337,7 +352,7 @@ def make_peer(cfg: dict) -> Any:
 
         def call_apee(key: str, compute: Any) -> Any:
             return get_or_set_stampede_safe(
-                key, compute, ttl, soft_timeout=soft, cache="apee"
+                key, compute, ttl, soft_timeout=soft, cache=peer
             )
 
         return call_apee
@@ -531,9 +546,15 @@ def one_call(
 
 def run_one(ctx: Any, server: RedisServer, cfg: dict) -> dict:
     """Run ``cfg``'s scenario for its peer; return the raw observations."""
-    raw = redis.Redis(port=server.port, db=PEERS[cfg["peer"]][1])
-    raw.flushdb()
-    raw.close()
+    if cfg["peer"] in CLUSTER_PEERS:
+        from redis.cluster import RedisCluster
+
+        with RedisCluster.from_url(cfg["cluster_urls"][0]) as cluster:
+            cluster.flushdb(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        raw = redis.Redis(port=server.port, db=PEERS[cfg["peer"]][1])
+        raw.flushdb()
+        raw.close()
     processes, threads = cfg["processes"], cfg["threads"]
     counter = ctx.Value("i", 0)
     first_pid = ctx.Value("i", 0)
@@ -881,6 +902,7 @@ def scenario_config(name: str, args: argparse.Namespace) -> dict:
         "loop_s": None,
         "think_s": args.think_ms / 1000,
         "ttl": 60.0,
+        "cluster_urls": getattr(args, "cluster_urls", None),
     }
     if name == "cold":
         cfg.update(compute_s=args.cold_compute, rounds=args.cold_rounds)
@@ -990,6 +1012,12 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     server = RedisServer().start()
+    cluster = None
+    if any(peer in CLUSTER_PEERS for peer in peers):
+        from tests.support.cluster import ClusterDeployment
+
+        cluster = ClusterDeployment().start()
+        args.cluster_urls = cluster.urls
     report: dict[str, Any] = {
         "config": vars(args) | {"json": None},
         "peers": {peer: PEERS[peer][0] for peer in peers},
@@ -998,6 +1026,8 @@ def main() -> None:
     began = time.monotonic()
     try:
         configure_django(scenario_config("cold", args) | {"port": server.port})
+        if cluster is not None:
+            report["cluster"] = f"{cluster.primaries} primaries + replicas"
         report["redis_version"] = redis.Redis(port=server.port).info()["redis_version"]
         for name in scenarios:
             results = report["scenarios"].setdefault(name, {})
@@ -1017,6 +1047,8 @@ def main() -> None:
             print_scenario(name, scenario_config(name, args), results)
     finally:
         server.close()
+        if cluster is not None:
+            cluster.close()
     report["seconds"] = round(time.monotonic() - began, 1)
     report["targets"] = targets(report, args)
     print_targets(report["targets"])
