@@ -63,11 +63,14 @@ class NearClientMixin:
         version: int | None = None,
         client: Redis | None = None,
     ) -> Any:
-        """A near hit costs a key, a dict lookup and one unpacking."""
+        """A near hit costs a key, a dict lookup and one unpacking; a miss
+        reads the primary (see the module)."""
         made = self._made_key(key, version)
         value = self._near.lookup(made)
         if value is not MISSING:
             return value
+        if client is None:
+            client = self.get_client(write=True)  # type: ignore[attr-defined]
         return super().get(key, default, version=version, client=client)  # type: ignore[misc]
 
     def get_many(
