@@ -35,6 +35,16 @@ def eventually(condition: Callable[[], bool], bound: float = BOUND) -> bool:
     return condition()
 
 
+def plant(raw: redis.Redis, cache: ApeeCache, key: str, value: object) -> None:
+    """Store ``value`` under ``key`` as another process's ApeeCache would."""
+    from django_apee.core.envelope import Meta
+
+    made = cache.client.make_key(key)
+    seconds, micros = raw.time()
+    meta = Meta(hard_ms=600_000, written_ms=seconds * 1000 + micros // 1000)
+    raw.set(made, cache.envelope.encode(value, meta, key=made), px=600_000)
+
+
 def warm(cache: ApeeCache, key: str) -> None:
     near = cache.runtime.near
     assert near is not None
@@ -77,7 +87,7 @@ def test_writes_and_deletes_of_another_process_are_seen_in_order(
         command(writer, f"set k {value}")
 
         def caught_up(expected: int = value) -> bool:
-            got = cache.get("k")
+            got = cache.get("k")["n"]
             seen.append(got)
             return bool(got == expected)
 
@@ -101,11 +111,11 @@ def test_a_restarted_server_leaves_nothing_stale(make_cache: Made) -> None:
         losses = near.tracker.losses
         server.restart()  # no persistence: the data is gone with it
         raw = redis.Redis.from_url(server.url)
-        raw.set(cache.client.make_key("k"), b"5")  # a raw int, as incr leaves it
+        plant(raw, cache, "k", "after")
         assert near.tracker.losses > losses  # the drop was seen before any read
         answers = [cache.get("k") for _ in range(50)]
         assert "before" not in answers
-        assert eventually(lambda: cache.get("k") == 5)
+        assert eventually(lambda: cache.get("k") == "after")
         warm(cache, "k")  # tracking came back: it serves from memory again
         raw.close()
     finally:
@@ -238,9 +248,9 @@ def test_sentinel_failover_leaves_nothing_stale(make_cache: Made) -> None:
         group.wait_new_primary(old, timeout=30)
         assert eventually(lambda: near.tracker.losses > losses)
         with group.client_for(group.primary()) as client:
-            client.set(cache.client.make_key("k"), b"7")
-        assert eventually(lambda: cache.get("k") == 7, bound=30)
+            plant(client, cache, "k", "after")
+        assert eventually(lambda: cache.get("k") == "after", bound=30)
         warm(cache, "k")  # tracking re-established on the new primary
-        assert cache.get("k") == 7
+        assert cache.get("k") == "after"
     finally:
         group.close()

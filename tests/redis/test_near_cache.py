@@ -35,6 +35,18 @@ def near_of(cache: ApeeCache):  # type: ignore[no-untyped-def]
     return near
 
 
+def plant(raw: redis.Redis, cache: ApeeCache, key: str, value: object) -> None:
+    """Store ``value`` under ``key`` as another process's ApeeCache would
+    (an envelope with its write time in Redis's clock), behind this
+    process's back."""
+    from django_apee.core.envelope import Meta
+
+    made = cache.client.make_key(key)
+    seconds, micros = raw.time()
+    meta = Meta(hard_ms=600_000, written_ms=seconds * 1000 + micros // 1000)
+    raw.set(made, cache.envelope.encode(value, meta, key=made), px=600_000)
+
+
 def warm(cache: ApeeCache, key: str) -> None:
     """Read ``key`` until it is served from process memory."""
     near = near_of(cache)
@@ -83,29 +95,32 @@ def test_another_clients_write_and_delete_are_seen(
     near_cache.set("k", "old", 60)
     warm(near_cache, "k")
     made = near_cache.client.make_key("k")
-    raw_redis.set(made, b"7")  # a raw int, as another process's incr leaves it
-    assert eventually(lambda: near_cache.get("k") == 7)
+    plant(raw_redis, near_cache, "k", {"v": 7})
+    assert eventually(lambda: near_cache.get("k") == {"v": 7})
     warm(near_cache, "k")
     raw_redis.delete(made)
     assert eventually(lambda: near_cache.get("k") is None)
 
 
 def test_own_writes_are_read_at_once(near_cache: ApeeCache) -> None:
-    near_cache.set("k", 1, 60)
+    near_cache.set("k", [1], 60)
     warm(near_cache, "k")
     for value in range(2, 50):
-        near_cache.set("k", value, 60)
-        assert near_cache.get("k") == value  # no wait: forgotten locally
+        near_cache.set("k", [value], 60)
+        assert near_cache.get("k") == [value]  # no wait: forgotten locally
+        warm(near_cache, "k")
     near_cache.delete("k")
     assert near_cache.get("k") is None
-    near_cache.set_many({"a": 1, "b": 2}, 60)
+    near_cache.set_many({"a": [1], "b": [2]}, 60)
     warm(near_cache, "a")
-    near_cache.set_many({"a": 3}, 60)
-    assert near_cache.get("a") == 3
-    near_cache.incr("a")
-    assert near_cache.get("a") == 4
+    near_cache.set_many({"a": [3]}, 60)
+    assert near_cache.get("a") == [3]
+    warm(near_cache, "a")
     near_cache.delete_many(["a"])
     assert near_cache.get("a") is None
+    near_cache.set("n", 1, 60)
+    near_cache.incr("n")
+    assert near_cache.get("n") == 2
 
 
 def test_nothing_is_served_past_its_soft_timeout(near_cache: ApeeCache) -> None:
@@ -129,11 +144,11 @@ def test_killing_the_tracking_connection_flushes(
     losses = near.tracker.losses
     raw_redis.client_kill_filter(_id=near.tracker.client_id)
     # Written while this process hears nothing.
-    raw_redis.set(near_cache.client.make_key("k"), b"2")
+    plant(raw_redis, near_cache, "k", "new")
     assert eventually(lambda: near.tracker.losses > losses)
-    assert near_cache.get("k") == 2
+    assert near_cache.get("k") == "new"
     warm(near_cache, "k")  # and it comes back
-    assert near_cache.get("k") == 2
+    assert near_cache.get("k") == "new"
 
 
 def test_flushdb_empties_it(near_cache: ApeeCache, raw_redis: redis.Redis) -> None:
@@ -190,7 +205,7 @@ def test_a_read_without_pttl_is_judged_by_the_write_time_in_redis_clock(
     """What the lean path (a plain GET) brings: the bytes alone."""
     near = near_of(near_cache)
     warm_key = "warm"
-    near_cache.set(warm_key, 1, 60)
+    near_cache.set(warm_key, "w", 60)
     warm(near_cache, warm_key)  # tracking is up
     near_cache.set("k", {"v": 1}, 10)  # soft timeout 9.5 s
     made = near_cache.client.make_key("k")
@@ -217,13 +232,15 @@ def test_a_write_through_another_alias_over_the_same_keys_is_read_at_once(
     "default": aliases of one process over the same keys forget together."""
     _, first = make_cache(NEAR_CACHE=True)
     _, second = make_cache(NEAR_CACHE={"MAX_ENTRIES": 100})
-    first.set("k", 1, 60)
+    first.set("k", [1], 60)
     warm(first, "k")
     warm(second, "k")
     for value in range(2, 30):
-        second.set("k", value, 60)
-        assert first.get("k") == value
-        first.incr("k")
-        assert second.get("k") == value + 1
+        second.set("k", [value], 60)
+        assert first.get("k") == [value]
+        warm(first, "k")
+        first.set("k", [-value], 60)
+        assert second.get("k") == [-value]
+        warm(second, "k")
     second.clear()
     assert first.get("k") is None

@@ -5,7 +5,9 @@
 line on stdin against ``caches["default"]`` (no near cache: the other
 process whose writes the test's near cache must see):
 
-* ``set <key> <int>``: ``cache.set(key, int, 600)``, then prints ``done``;
+* ``set <key> <int>``: ``cache.set(key, {"n": int}, 600)``, then prints
+  ``done`` (a dict: a bare int is stored raw, without the write time a
+  near cache needs to keep it);
 * ``delete <key>``: ``cache.delete(key)``, then prints ``done``;
 * ``quit``: exits.
 """
@@ -28,7 +30,7 @@ def main() -> None:
         if not words or words[0] == "quit":
             break
         if words[0] == "set":
-            cache.set(words[1], int(words[2]), 600)
+            cache.set(words[1], {"n": int(words[2])}, 600)
         elif words[0] == "delete":
             cache.delete(words[1])
         print("done", flush=True)
