@@ -130,7 +130,8 @@ class _Counter:
 
     def inc(self, amount: float = 1) -> None:
         self.inner.inc(amount)
-        _note(self.alias, self.step, None)
+        if amount:  # lease renewals are counted once per lease, often 0
+            _note(self.alias, self.step, None)
 
 
 class _Histogram:
