@@ -12,15 +12,17 @@ So an entry keeps the envelope's payload *after* its MAC was verified and
 it was decompressed, and each read unpickles or unpacks it anew: for the
 small and mid-sized values a near cache is for, that is a few microseconds,
 cheaper than a deep copy, and no check is repeated. Raw integers (stored
-unsigned so INCR works) are kept as the int itself.
+unsigned so INCR works) are kept as the int itself, and only when read with
+their PTTL: they carry no write time.
 
-Freshness is still the envelope's: when an entry is filled, the read's
-PTTL and metadata give the instant (on this process's monotonic clock) at
-which ``policy.state`` stops calling it FRESH, found by bisection on that
-function (its answer never moves backwards as an entry ages). A near hit is
-served only before that instant, which is never later than its soft timeout
-nor than its PTTL, measured from when the read was *sent*: the PTTL Redis
-answered was taken later, so the local deadline errs early. Past it, the
+Freshness is still the envelope's: when an entry is filled, its metadata
+give the instant (on this process's monotonic clock) at which a Redis read
+would stop calling it FRESH (``policy.fresh_until_ms``: the soft timeout
+less XFetch's margin for the stored draw). With a PTTL read alongside, the
+age comes from it, measured from when the read was *sent* (Redis took the
+PTTL later, so the deadline errs early); from a plain GET, from the write
+time in Redis's clock (``store/clock.py``), met early as well. A near hit
+is served only before that instant, never later than the soft timeout. Past it, the
 read goes to Redis, where herd mode, XFetch and stale-while-revalidate
 decide as they do without a near cache. So a near hit never serves past
 the hard timeout, and never serves what a Redis read would have refreshed.
