@@ -24,7 +24,10 @@ or default (per-key) tracking with REDIRECT:
   reads go through django-redis's pools untouched, from any thread. The
   cost: every process hears every write under the alias's KEY_PREFIX, which
   is why the near cache is opt-in; apps sharing a Redis under another
-  prefix are not heard.
+  prefix are not heard. Redis batches a prefix's keys into one push per
+  event-loop turn; measured (``bench/tracking_cost.py``, pipelined SETs of
+  200 B), Redis's CPU per write went from 0.76 µs with no tracking
+  connection to 1.70 µs with 8 and 2.86 µs with 32.
 
 Nothing stale after a lost connection. Messages on one connection arrive in
 order, so a ``PONG`` proves that every invalidation Redis produced before it
