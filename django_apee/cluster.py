@@ -20,7 +20,8 @@ What a cluster changes is handled here: ``get_many`` reads per slot, in one
 pipelined round trip; ``keys``, ``iter_keys``, ``delete_pattern`` and
 ``clear`` go to every primary; keys whose companions cannot share their slot
 are refused (``CrossSlotKey``). Pipelines (``set_many``, ``delete_many``)
-load scripts a node lacks after a failover (``store/slots.py``).
+load scripts a node lacks after a failover (``store/slots.py``). Wake-ups go by
+sharded pub/sub on Redis/Valkey 7+ (``store/shardwake.py``).
 
 OPTIONS: ``SOCKET_TIMEOUT``, ``SOCKET_CONNECT_TIMEOUT``, ``USERNAME``,
 ``PASSWORD``, ``rediss://`` URLs and ``CONNECTION_POOL_KWARGS`` reach every
@@ -58,7 +59,9 @@ from django_apee.core.keys import LEASE, companion, hash_tag, same_slot
 from django_apee.core.process import Registry
 from django_apee.store import scripts
 from django_apee.store.errors import REDIS_ERRORS
-from django_apee.store.slots import Cluster, by_slot
+from django_apee.store.shardwake import ShardWakeHub
+from django_apee.store.slots import Cluster, by_slot, supports_sharded_pubsub
+from django_apee.store.wake import WakeHub
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -216,6 +219,25 @@ class ApeeClusterClient(ApeeClientMixin, DefaultClient):  # type: ignore[misc]
         self, write: bool = True, tried: list[int] | None = None
     ) -> tuple[Cluster, int]:
         return self.get_client(write), 0
+
+    # -- wake-ups ---------------------------------------------------------------
+
+    def wake_hub(self, connect: Any, channel: str) -> WakeHub:
+        """The alias's wake-ups: sharded pub/sub where every primary has it
+        (Redis/Valkey 7+, ``store/shardwake.py``), else WakeHub's PUBLISH.
+        Asked once per process and alias, when its runtime is built."""
+        try:
+            sharded = supports_sharded_pubsub(self.get_client())
+        except REDIS_ERRORS:
+            sharded = False  # unreachable now: PUBLISH works everywhere
+        return (ShardWakeHub if sharded else WakeHub)(connect, channel)
+
+    @property
+    def wake_channel(self) -> str:
+        """What the scripts that end a lease publish on: the runtime's hub's
+        channel (marked as sharded when it is)."""
+        channel: str = self._backend.runtime.hub.channel
+        return channel
 
     def do_close_clients(self) -> None:
         """Nothing: the RedisCluster is shared by the process's threads.

@@ -78,7 +78,9 @@ class Runtime:
         self.clock = RedisClock(self.store.connection)
         #: Wake-ups of the alias's KEY_PREFIX only: other apps on the same
         #: Redis neither hear its key names nor wake its waiters.
-        self.hub = WakeHub(self.store.connection, wake_channel(backend.key_prefix))
+        #: A client class may bring its own (ApeeClusterClient: sharded).
+        make_hub = getattr(backend.client, "wake_hub", WakeHub)
+        self.hub = make_hub(self.store.connection, wake_channel(backend.key_prefix))
         #: This process's identity connection: leases taken here name its
         #: Redis client id, so other processes can tell when this one died.
         self.identity = Identity(self.store.connection)

@@ -80,6 +80,14 @@ def owner(companion_key: str, kind: str) -> str | None:
     return value_key if companion(value_key, kind) == companion_key else None
 
 
+def slot_channel(value_key: str, name: str) -> str:
+    """A pub/sub channel in ``value_key``'s slot: its companions' hash tag,
+    ``|``, ``name`` (sharded pub/sub on Redis Cluster; the Lua scripts that
+    end a lease build the same name from the lease key)."""
+    lease = companion(value_key, LEASE)
+    return f"{lease[: lease.index('}') + 1]}|{name}"
+
+
 def same_slot(value_key: str) -> bool:
     """Tell whether ``companion(value_key, …)`` shares the value key's slot."""
     return hash_tag(value_key) is not None or bool(value_key and "}" not in value_key)

@@ -46,6 +46,20 @@ def by_slot(keys: Sequence[str | bytes], most: int) -> list[list[int]]:
     return [chunk for chunks in groups.values() for chunk in chunks]
 
 
+def supports_sharded_pubsub(cluster: RedisCluster) -> bool:
+    """Whether every primary runs Redis/Valkey 7 or later (SPUBLISH).
+
+    Valkey reports ``redis_version`` 7.2.4 for compatibility, so the field
+    reads the same on both.
+    """
+    for node in cluster.get_primaries():  # type: ignore[no-untyped-call]
+        info = cluster.get_redis_connection(node).info("server")
+        major = str(info.get("redis_version", "0")).split(".")[0]
+        if not major.isdigit() or int(major) < 7:
+            return False
+    return True
+
+
 #: Resolves a script's SHA-1 to its source, or None if it is not one of ours
 #: (``scripts.source_of``; passed in so this module needs no script list).
 SourceOf = Callable[[str], "bytes | None"]

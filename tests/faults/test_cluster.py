@@ -343,3 +343,53 @@ def test_apee_stats_reports_every_primary_and_sums_the_counter_shards(
     assert {one["name"].split("@")[1] for one in checks} == {
         f"127.0.0.1:{port}" for port in cluster.primary_ports()
     }
+
+
+def test_wake_ups_go_by_sharded_pub_sub_in_the_entrys_slot(cluster, cluster_alias):
+    """A waiter in another alias (another coordinator) is woken when the
+    holder's value lands, well before the lease would end; the wake-up was
+    an SPUBLISH on the node of the entry's slot, and nobody PUBLISHed."""
+    from django_apee.store.shardwake import ShardWakeHub
+
+    prefix = f"wk{uuid.uuid4().hex[:6]}"
+    holder, waiter = (
+        caches[cluster_alias(KEY_PREFIX=prefix, OPTIONS={"LEASE_TIMEOUT": 10})]
+        for _ in range(2)
+    )
+    assert isinstance(waiter.runtime.hub, ShardWakeHub)
+    owner = cluster.primary_for(holder.make_key("slow"))
+
+    def counts(command: str) -> int:
+        found = 0
+        for node in cluster.live:
+            stats = node.info("commandstats").get(f"cmdstat_{command}", {})
+            found += int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+        return found
+
+    def spublish_on_owner() -> int:
+        stats = cluster.node(owner).info("commandstats")
+        return int(stats.get("cmdstat_spublish", {}).get("calls", 0))
+
+    publishes, spublishes = counts("publish"), spublish_on_owner()
+    started = threading.Event()
+
+    def slow() -> str:
+        started.set()
+        time.sleep(0.5)
+        return "landed"
+
+    got: list[Any] = []
+    computing = threading.Thread(
+        target=lambda: got.append(holder.get_or_set_stampede_safe("slow", slow, 60))
+    )
+    computing.start()
+    assert started.wait(5)
+    began = time.monotonic()
+    value = waiter.get_or_set_stampede_safe("slow", lambda: "second compute", 60)
+    waited = time.monotonic() - began
+    computing.join(10)
+    assert value == "landed"
+    assert got == ["landed"]
+    assert waited < 3.0, waited  # woken, not timed out to the 10 s lease
+    assert spublish_on_owner() > spublishes
+    assert counts("publish") == publishes

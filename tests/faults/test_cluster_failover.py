@@ -31,7 +31,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.children import Child
-from tests.support.deployments import ClusterDeployment
+from tests.support.deployments import ClusterDeployment, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -181,3 +181,71 @@ def test_failover_and_sigkill_under_load(cluster):
     for key in keys:
         out = [s for k, s, _, pid in computes if k == key and not failing(s, pid)]
         assert len(out) <= allowed, (key, len(out), allowed)
+
+
+def test_sharded_wake_ups_survive_the_primary_being_killed(cluster, settings):
+    """The waiters' shard channel was subscribed on a primary that is then
+    SIGKILLed: once its replica took over, a waiter is still woken when the
+    value lands (the subscription was rebuilt), not at its lease's end."""
+    import threading
+
+    from django.core.cache import caches
+    from django.test import override_settings
+
+    from django_apee.store.shardwake import ShardWakeHub
+
+    prefix = f"sw{uuid.uuid4().hex[:6]}"
+    config = {
+        "BACKEND": "django_apee.cache.ApeeCache",
+        "LOCATION": [f"redis://127.0.0.1:{node.port}" for node in cluster.live],
+        "KEY_PREFIX": prefix,
+        "OPTIONS": {
+            "CLIENT_CLASS": "django_apee.cluster.ApeeClusterClient",
+            "LEASE_TIMEOUT": 10,
+        },
+    }
+    with override_settings(CACHES={**settings.CACHES, "h": config, "w": config}):
+        holder, waiter = caches["h"], caches["w"]
+        # Keys of one slot, on a primary that still has a replica.
+        tag = next(
+            f"{{t{n}}}"
+            for n in range(1000)
+            if cluster.replicas_of(cluster.primary_for(holder.make_key(f"{{t{n}}}")))
+        )
+        owner = cluster.primary_for(holder.make_key(tag))
+
+        def wait_for_compute(name: str) -> float:
+            started = threading.Event()
+
+            def slow() -> str:
+                started.set()
+                time.sleep(0.3)
+                return name
+
+            thread = threading.Thread(
+                target=holder.get_or_set_stampede_safe, args=(name, slow, 60)
+            )
+            thread.start()
+            assert started.wait(10)
+            began = time.monotonic()
+            value = waiter.get_or_set_stampede_safe(name, lambda: "again", 60)
+            waited = time.monotonic() - began
+            thread.join(10)
+            assert value == name
+            return waited
+
+        assert isinstance(waiter.runtime.hub, ShardWakeHub)
+        before = wait_for_compute(f"{tag}1")  # a channel subscribed on ``owner``
+        cluster.kill(owner)
+        took = cluster.wait_stable(20)
+        # The process's first command to the slot meets the dead node and
+        # refreshes the slot map (REDIS_RETRIES is 0): done here, not by the
+        # calls under test, which would compute locally instead.
+        wait_until(lambda: holder.get(f"{tag}0") is None, 10, "a fresh slot map")
+        after = wait_for_compute(f"{tag}2")
+    print(
+        f"woken in {before:.2f}s; owner killed, stable in {took:.2f}s; "
+        f"woken in {after:.2f}s"
+    )
+    assert before < 3.0
+    assert after < 3.0  # the lease is 10 s: a lost subscription would show

@@ -148,3 +148,12 @@ def test_check_names_options_a_cluster_cannot_honour():
     bad = config(LOCATION="redis://127.0.0.1:7000/1")
     with override_settings(CACHES={"default": bad}):
         assert ids(checks.check_options()) == ["apee.E010"]
+
+
+def test_the_wake_channel_of_an_entry_lives_in_its_slot():
+    from django_apee.core.keys import slot_channel
+
+    for made in [":1:plain", ":1:{user:7}:profile", "p{x}:1:k", ":1:a{b"]:
+        channel = slot_channel(made, "django_apee:wake:p")
+        assert channel.endswith("}|django_apee:wake:p")
+        assert key_slot(channel.encode()) == key_slot(made.encode())

@@ -18,6 +18,13 @@ end
 if changed == 1 and redis.call("DEL", KEYS[2]) == 1 then
   -- A pcall: a user the ACL denies the wake channel still gets the
   -- change and the lease's end above; its waiters wait to the lease's end.
-  redis.pcall("PUBLISH", ARGV[3], KEYS[1])
+  -- "{}<name>": sharded pub/sub (Redis Cluster), SPUBLISH on
+  -- "<the lease key's hash tag>|<name>", a channel of this slot.
+  if string.sub(ARGV[3], 1, 2) == "{}" then
+    local tag = string.match(KEYS[2], "^{[^}]*}") or ""
+    redis.pcall("SPUBLISH", tag .. "|" .. string.sub(ARGV[3], 3), KEYS[1])
+  else
+    redis.pcall("PUBLISH", ARGV[3], KEYS[1])
+  end
 end
 return changed

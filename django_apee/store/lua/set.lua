@@ -38,6 +38,13 @@ if redis.call("DEL", KEYS[2]) == 1 then
   -- A pcall: a user the ACL denies the wake channel still gets the
   -- write and the lease's end above (an error would hide that they
   -- happened); its waiters then wait to the lease's end.
-  redis.pcall("PUBLISH", ARGV[4], KEYS[1])
+  -- "{}<name>": sharded pub/sub (Redis Cluster), SPUBLISH on
+  -- "<the lease key's hash tag>|<name>", a channel of this slot.
+  if string.sub(ARGV[4], 1, 2) == "{}" then
+    local tag = string.match(KEYS[2], "^{[^}]*}") or ""
+    redis.pcall("SPUBLISH", tag .. "|" .. string.sub(ARGV[4], 3), KEYS[1])
+  else
+    redis.pcall("PUBLISH", ARGV[4], KEYS[1])
+  end
 end
 return 1
