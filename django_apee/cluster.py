@@ -200,7 +200,12 @@ class ApeeClusterClient(ApeeClientMixin, DefaultClient):  # type: ignore[misc]
     # -- the connection ---------------------------------------------------------
 
     def connect(self, index: int = 0) -> Cluster:
-        """A new RedisCluster for this configuration (no I/O until first used)."""
+        """A new RedisCluster for this configuration.
+
+        Building one asks the startup nodes for the slot map (the only I/O
+        of getting a client, unlike django-redis's pools): called on first
+        use, never when the backend is built.
+        """
         return Cluster(
             source_of=scripts.source_of,
             **cluster_kwargs(self._server, self._options),
@@ -225,7 +230,8 @@ class ApeeClusterClient(ApeeClientMixin, DefaultClient):  # type: ignore[misc]
     def wake_hub(self, connect: Any, channel: str) -> WakeHub:
         """The alias's wake-ups: sharded pub/sub where every primary has it
         (Redis/Valkey 7+, ``store/shardwake.py``), else WakeHub's PUBLISH.
-        Asked once per process and alias, when its runtime is built."""
+        Asked once per process and alias, when its runtime is built; a
+        cluster unreachable then gets PUBLISH until the runtime is rebuilt."""
         try:
             sharded = supports_sharded_pubsub(self.get_client())
         except REDIS_ERRORS:
