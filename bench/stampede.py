@@ -50,7 +50,7 @@ spawn method and configures Django itself. Run::
     python bench/stampede.py [--hot-seconds 10] [--scenarios cold,hot,...]
         [--peers apee,article,...] [--json out.json]
 
-What the benchmarks need beyond the package's [test] extra is listed in
+What the benchmarks need beyond requirements/test.txt is listed in
 ``bench/requirements.txt`` (dogpile.cache).
 """
 
