@@ -265,6 +265,10 @@ class Near:
         if hits:
             self.events.near_served(hits)
 
+    @property
+    def closed(self) -> bool:
+        return self.tracker.stopped
+
     def close(self) -> None:
         """Stop tracking and serve nothing more (the configuration is gone)."""
         self.tracker.stop()
