@@ -1,14 +1,16 @@
 """The django-debug-toolbar panel, rendered by the real toolbar for a request.
 
-The toolbar middleware runs around a view that makes two stampede-safe calls
-of one key on a fresh alias (its runtime is built inside the request, after
-the panel turned tracing on): the panel must list both, the first as a miss
-this request computed, the second as a fresh hit.
+The toolbar middleware runs around a view that reads a stale entry with a
+plain get and makes two stampede-safe calls of one key, on a fresh alias (its
+runtime is built inside the request, after the panel turned tracing on): the
+panel must list the herd miss, and both calls, the first as a miss this
+request computed, the second as a fresh hit.
 """
 
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from django.conf import settings
@@ -18,7 +20,9 @@ from django.test.utils import override_settings
 
 pytest.importorskip("debug_toolbar")
 
+from django_apee.apps import _debug_toolbar_panel_configured
 from django_apee.contrib.debug_toolbar import PANEL_PATH
+from django_apee.observe import trace
 
 
 def show_toolbar(request: object) -> bool:
@@ -28,8 +32,11 @@ def show_toolbar(request: object) -> bool:
 def test_toolbar_panel_shows_each_stampede_safe_call(redis_url):
     caches_config = {
         **settings.CACHES,
+        # Soft timeouts at 5 % of the timeout: a plain set's entry is stale
+        # (herd mode's window) a second in, and a stampede-safe one written
+        # in the request (60 s, soft 3 s) is still fresh when read again.
         "toolbar": {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": redis_url,
-                    "KEY_PREFIX": "djdt"},
+                    "KEY_PREFIX": "djdt", "OPTIONS": {"SOFT_TIMEOUT_RATIO": 0.05}},
     }  # fmt: skip
     with override_settings(
         DEBUG=True,
@@ -47,11 +54,18 @@ def test_toolbar_panel_shows_each_stampede_safe_call(redis_url):
             "RENDER_PANELS": True,
         },
     ):
+        # What django_apee's app config does at start-up when the panel is
+        # configured (here the settings changed after start-up), before the
+        # alias's runtime is built by its first use.
+        assert _debug_toolbar_panel_configured(settings)
+        trace.enable()
         caches["toolbar"].delete("toolbar-report")
+        caches["toolbar"].set("toolbar-menu", "menu", 20)
+        time.sleep(1.3)  # past its soft timeout (1 s), far from its timeout
         response = Client().get("/report/")
         assert response.status_code == 200
         html = response.content.decode()
-    assert "<p>computed computed</p>" in html
+    assert "<p>missed computed computed</p>" in html  # the herd miss was ours
     panel = html[html.index('id="ApeePanel"') :]
     assert "Stampede-safe calls (2)" in panel
     rows = re.findall(r"<tr><td>toolbar</td><td><code>([^<]+)</code></td>"
@@ -61,3 +75,5 @@ def test_toolbar_panel_shows_each_stampede_safe_call(redis_url):
         ("djdt:1:toolbar-report", "fresh", "hit"),
     ]
     assert "2 calls, 1 computed, 0 lease waits" in html  # the nav subtitle
+    assert "Herd decisions of plain gets (1)" in panel
+    assert "<td>toolbar</td><td>herd_miss</td>" in panel

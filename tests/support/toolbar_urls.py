@@ -1,5 +1,6 @@
 """URLs for the django-debug-toolbar panel test: the toolbar's and one view."""
 
+from django.core.cache import caches
 from django.http import HttpRequest, HttpResponse
 from django.urls import URLPattern, URLResolver, include, path
 
@@ -7,14 +8,16 @@ from django_apee import get_or_set_stampede_safe
 
 
 def report(request: HttpRequest) -> HttpResponse:
-    """Two stampede-safe calls of one key: the first computes, the second hits."""
+    """A plain get of a stale entry (a herd miss), then two stampede-safe
+    calls of one key: the first computes, the second hits."""
+    menu = caches["toolbar"].get("toolbar-menu", "missed")
     first = get_or_set_stampede_safe(
         "toolbar-report", lambda: "computed", 60, cache="toolbar"
     )
     second = get_or_set_stampede_safe(
         "toolbar-report", lambda: "again", 60, cache="toolbar"
     )
-    return HttpResponse(f"<html><body><p>{first} {second}</p></body></html>")
+    return HttpResponse(f"<html><body><p>{menu} {first} {second}</p></body></html>")
 
 
 urlpatterns: list[URLPattern | URLResolver] = [
