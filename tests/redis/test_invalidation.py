@@ -65,9 +65,18 @@ class InFlight:
 
 
 @pytest.fixture
-def inline(make_cache: Callable[..., tuple[str, ApeeCache]]) -> tuple[str, ApeeCache]:
-    """An alias that refreshes in the caller's thread, so the test sees it."""
-    return make_cache(REFRESH="inline")
+def inline(
+    make_cache: Callable[..., tuple[str, ApeeCache]], redis_url: str
+) -> tuple[str, ApeeCache]:
+    """An alias that refreshes in the caller's thread, so the test sees it.
+
+    On a connection pool of this module's own (django-redis keeps one per
+    LOCATION string): every alias's wake-up subscriber keeps a connection
+    of its pool for the rest of the session, and redis-py 8 caps a pool at
+    100 connections, which this module's 25 aliases would eat into for
+    every test after it.
+    """
+    return make_cache(f"{redis_url}?client_name=apee-invalidation", REFRESH="inline")
 
 
 def lease_of(cache: ApeeCache, version: int | None = None) -> str:
