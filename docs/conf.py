@@ -41,7 +41,9 @@ nitpicky = False
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "show-inheritance": False}
+# Pages list the members they document; defaults as written in the source
+# (DEFAULT_TIMEOUT, not "<object object>").
+autodoc_preserve_defaults = True
 
 html_theme = "furo"
 html_title = f"django-apee {release}"
