@@ -69,6 +69,8 @@ logger = logging.getLogger("django_apee")
 HEARTBEAT = 0.2
 #: The near cache answers only while its last confirmation is this recent.
 LIVENESS = 1.0
+#: A tracking connection whose PONG is this late is replaced.
+PONG_WAIT = 2.0
 #: The name the tracking connection shows in CLIENT LIST.
 CLIENT_NAME = "django-apee-near"
 
@@ -176,6 +178,11 @@ class Tracker:
         """One PING and its PONG, then invalidations until the next PING."""
         sent = time.monotonic()
         connection.send_command("PING")
+        # Whatever the socket timeout (None waits for ever), a PONG that
+        # does not come within PONG_WAIT ends this connection: a new one is
+        # tried, and near hits have stopped anyway (LIVENESS).
+        if not connection.can_read(timeout=PONG_WAIT):
+            raise TimeoutError(f"no PONG within {PONG_WAIT} s")
         connection.read_response()  # invalidations before it are handled first
         if not self.stopped:
             self.confirmed_at = sent
