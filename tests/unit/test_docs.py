@@ -1,8 +1,9 @@
 """The documentation covers what the code defines (docs/reference/).
 
-Every OPTION conf.py accepts has a row or a mention in the options page, and
-every system check id the package can emit is in the checks page, so a new
-option or check cannot ship undocumented.
+Every OPTION conf.py accepts has a row or a mention in the options page,
+every system check id the package can emit is in the checks page, and every
+metric family and fallback reason is in the metrics page, so none can ship
+undocumented. Files are read as text: no Django settings needed.
 """
 
 from __future__ import annotations
@@ -33,3 +34,21 @@ def test_every_check_id_is_documented():
     assert len(emitted) >= 10  # the scan found the checks
     page = (REFERENCE / "checks.rst").read_text()
     assert sorted(i for i in emitted if f"``{i}``" not in page) == []
+
+
+def test_every_metric_and_fallback_reason_is_documented():
+    source = (ROOT / "django_apee" / "observe" / "metrics.py").read_text()
+    families = set(re.findall(r'"(apee_cache_[a-z_]+)"', source))
+    assert len(families) >= 15  # the scan found the families
+    reasons = re.search(r"FALLBACK_REASONS = \(([^)]*)\)", source)
+    assert reasons is not None
+    page = (REFERENCE / "metrics.rst").read_text()
+    assert sorted(f for f in families if f"``{f}" not in page) == []
+    assert (
+        sorted(
+            r
+            for r in re.findall(r'"(\w+)"', reasons.group(1))
+            if f"``{r}``" not in page
+        )
+        == []
+    )
