@@ -26,6 +26,7 @@ from redis.client import Pipeline
 
 from django_apee.client_inplace import InPlaceMixin, interrupted
 from django_apee.client_invalidate import InvalidateMixin
+from django_apee.client_routing import RoutingMixin
 from django_apee.core import MISSING, policy, to_milliseconds
 from django_apee.core.envelope import (
     MEMBER_KEY,
@@ -65,7 +66,7 @@ def _is_pickle(data: bytes) -> bool:
     return len(data) > 2 and data[0] == 0x80 and 2 <= data[1] <= 5
 
 
-class ApeeClientMixin(InvalidateMixin, InPlaceMixin):
+class ApeeClientMixin(RoutingMixin, InvalidateMixin, InPlaceMixin):
     """Envelope encoding and Django's semantics on top of a django-redis client."""
 
     _backend: ApeeCache

@@ -33,6 +33,9 @@ from django_apee.core.near import Limits
 from django_apee.core.policy import Policy
 from django_apee.engine.protocol import Tuning
 from django_apee.retry import DEFAULT_REDIS_RETRIES, retry_policy
+from django_apee.sentinel import DJANGO_REDIS_FACTORY
+from django_apee.sentinel import FACTORY as SENTINEL_FACTORY
+from django_apee.store.failover import FailoverRetry
 
 CODECS = ("msgpack", "pickle")
 COMPRESSIONS = ("zstd", "lz4", "zlib", "none")
@@ -67,10 +70,11 @@ APEE_OPTIONS = frozenset(
     {
         "ALLOW_PICKLE", "BREAKER_COOLDOWN", "BREAKER_THRESHOLD", "CODEC",
         "COLD_MISS_WAIT", "COMPRESSION", "COMPRESS_LEVEL", "COMPRESS_MIN_BYTES",
-        "HERD", "HERD_EXCLUDE", "HOLDER_CHECK", "LEASE_MAX", "LEASE_MIN",
-        "LEASE_TIMEOUT", "LEGACY_READS", "LEGACY_READS_UNTIL", "MAX_VALUE_BYTES",
-        "METRICS", "NEAR_CACHE", "REDIS_RETRIES", "REFRESH", "REFRESH_WORKERS",
-        "SOFT_TIMEOUT_RATIO", "STATS_FLUSH_INTERVAL", "WAIT_TIMEOUT", "XFETCH_BETA",
+        "FAILOVER_WAIT", "HERD", "HERD_EXCLUDE", "HOLDER_CHECK", "LEASE_MAX",
+        "LEASE_MIN", "LEASE_TIMEOUT", "LEGACY_READS", "LEGACY_READS_UNTIL",
+        "MAX_VALUE_BYTES", "METRICS", "NEAR_CACHE", "REDIS_RETRIES", "REFRESH",
+        "REFRESH_WORKERS", "REPLICA_READS", "SOFT_TIMEOUT_RATIO",
+        "STATS_FLUSH_INTERVAL", "WAIT_TIMEOUT", "XFETCH_BETA",
     }
 )  # fmt: skip
 #: django-redis's OPTIONS (7.x), passed through to it.
@@ -181,6 +185,8 @@ class ApeeOptions:
     stats_flush_interval: float
     #: The near cache's bounds; None: off (the default).
     near_cache: Limits | None
+    #: Plain reads may go to a replica (REPLICA_READS); else all to the primary.
+    replica_reads: bool
     #: What goes to django-redis: its own keys, our defaults, Django's renamed.
     redis_options: dict[str, Any]
     tuning: Tuning
@@ -237,6 +243,7 @@ def parse(options: dict[str, Any]) -> tuple[ApeeOptions, list[Problem]]:
             "STATS_FLUSH_INTERVAL", DEFAULT_STATS_FLUSH_INTERVAL, check="apee.E003"
         ),
         near_cache=_near_cache(read),
+        replica_reads=read.flag("REPLICA_READS", False),
         redis_options=_redis_options(options, read),
         tuning=_tuning(read),
         fingerprint=fingerprint(options),
@@ -350,6 +357,9 @@ def _redis_options(options: dict[str, Any], read: _Reader) -> dict[str, Any]:
         if redis_options[option] is None:
             pool_kwargs.setdefault(kwarg, None)
     _retry(options, read, redis_options, pool_kwargs)
+    if _dotted(redis_options.get("CONNECTION_FACTORY")) == DJANGO_REDIS_FACTORY:
+        # Finds a promoted replica at once (``sentinel.py``).
+        redis_options["CONNECTION_FACTORY"] = SENTINEL_FACTORY
     if pool_kwargs:
         redis_options["CONNECTION_POOL_KWARGS"] = pool_kwargs
     return redis_options
@@ -380,6 +390,11 @@ def _retry(
             check="apee.E005",
         )
         value = DEFAULT_REDIS_RETRIES
+    # FAILOVER_WAIT: under Sentinel, wait that long for a new primary
+    # (``store/failover.py``); the wait bound is then that plus one command's.
+    wait = read.number("FAILOVER_WAIT", 0.0, 0)
+    if options.get("SENTINELS") and wait:
+        pool_kwargs.setdefault("retry", FailoverRetry(value, wait))
     pool_kwargs.setdefault("retry", retry_policy(value))
     if options.get("SENTINELS"):
         given = options.get("SENTINEL_KWARGS")

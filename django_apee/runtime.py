@@ -25,6 +25,7 @@ from django_apee.engine.stampede import Coordinator
 from django_apee.observe import metrics, trace
 from django_apee.store import fleet
 from django_apee.store.clock import RedisClock
+from django_apee.store.failover import PrimaryWatch, sentinel_pool
 from django_apee.store.holder import Identity
 from django_apee.store.near import Near
 from django_apee.store.tracking import tracking_connection
@@ -97,6 +98,13 @@ class Runtime:
         )
         #: The near cache (OPTIONS NEAR_CACHE), None when off.
         self.near = _near(backend, self) if options.near_cache else None
+        #: Under Sentinel: follows the primary, and moves the wake-up
+        #: subscription and the identity connection when it moves.
+        self.watch: PrimaryWatch | None = None
+        pool = sentinel_pool(self.store.connection())
+        if pool is not None:
+            self.watch = PrimaryWatch(pool, [self.hub.reconnect, self.identity.reset])
+            self.watch.start()
         fleet.register(
             self.alias,
             fleet.Sink(

@@ -39,6 +39,12 @@ logger = logging.getLogger("django_apee")
 CHANNEL_PREFIX = "django_apee:wake:"
 #: A subscription refused by an ACL is logged at most this often per channel.
 NOPERM_LOG_SECONDS = 60.0
+#: Longest pause between two attempts to subscribe again. Short: a failover
+#: takes seconds, and every waiter whose wake-up is lost meanwhile waits to
+#: its lease's end.
+MAX_BACKOFF_S = 0.5
+#: How long the subscriber blocks reading before it checks ``reconnect``.
+POLL_S = 0.25
 
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 
@@ -111,6 +117,9 @@ class WakeHub:
         self._waiting: dict[str, set[threading.Event]] = {}
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
+        #: Set by ``reconnect``: the subscription moves to wherever the
+        #: connection points now (a new Sentinel primary).
+        self._moved = threading.Event()
         self._worker = ProcessThread(
             self._run, "django-apee-wake", on_start=self.subscribed.clear
         )
@@ -130,6 +139,15 @@ class WakeHub:
                 if not events:
                     del self._waiting[value_key]
 
+    def reconnect(self) -> None:
+        """Subscribe again on a fresh connection (the primary moved).
+
+        Wake-ups are published where the leases end, on the primary: a
+        subscription left on a demoted primary hears none. Waiters are woken
+        to look again, so none sleeps through the move.
+        """
+        self._moved.set()
+
     def waiting(self) -> int:
         with self._lock:
             return sum(len(events) for events in self._waiting.values())
@@ -147,8 +165,11 @@ class WakeHub:
                 backoff = 0.05  # it worked until now: a fresh failure, not a streak
             self.subscribed.clear()
             self._wake_all()  # they look again rather than sleep to their timeout
+            if self._moved.is_set():
+                self._moved.clear()
+                continue  # a move, not a failure: at once
             time.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def _denied(self) -> None:
         """The ACL refuses this channel: say how to fix it, once a minute."""
@@ -174,8 +195,8 @@ class WakeHub:
         pubsub = self._connect().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         try:
             pubsub.subscribe(self.channel)
-            while True:
-                message = pubsub.get_message(timeout=1.0)
+            while not self._moved.is_set():
+                message = pubsub.get_message(timeout=POLL_S)
                 if not self.subscribed.is_set() and pubsub.subscribed:
                     self.subscribed.set()
                     # A wake-up published before the subscription was up

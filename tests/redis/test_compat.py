@@ -559,6 +559,10 @@ def test_primary_and_replica_location(replica_pair, form):
     location = ",".join(urls) if form == "comma" else urls
     key, value = f"k-{form}", {"form": form, "t": (1, 2)}
     with configured(location) as cache:
+        # Replica reads are opt-in (client_routing.py): a replica lags.
+        reader = cache.client.get_client(write=False)
+        assert reader.connection_pool.connection_kwargs["port"] == primary.port
+    with configured(location, REPLICA_READS=True) as cache:
         writer = cache.client.get_client(write=True)
         reader = cache.client.get_client(write=False)
         assert writer.connection_pool.connection_kwargs["port"] == primary.port

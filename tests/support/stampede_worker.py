@@ -12,7 +12,9 @@ The compute counts itself with a raw ``INCR`` on ``spec["counter"]``, so the
 parent counts computes across processes.
 
 Spec keys: ``alias``, ``options`` (CACHES OPTIONS), ``key``, ``threads``,
-``compute_s``, ``timeout``, ``counter``, and optionally ``soft_timeout``,
+``compute_s``, ``timeout``, ``counter``, and optionally ``location`` (instead
+of the session's Redis), ``keys`` (thread i calls ``keys[i % len]``; each
+key's computes count on ``counter:key``), ``soft_timeout``,
 ``loop_s`` (call repeatedly for that long instead of once), ``pause_s``
 (sleep between calls in a loop), ``answer`` (what the compute returns).
 """
@@ -57,6 +59,8 @@ def metric_values(alias: str) -> dict[str, float]:
         for one in family.samples:
             if one.name.endswith("_total") and one.labels.get("cache") == alias:
                 fallbacks += one.value
+                reason = f"fallback:{one.labels.get('reason')}"
+                found[reason] = found.get(reason, 0.0) + one.value
     found["fallbacks"] = fallbacks
     return found
 
@@ -64,13 +68,20 @@ def metric_values(alias: str) -> dict[str, float]:
 def cache_config(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "BACKEND": "django_apee.cache.ApeeCache",
-        "LOCATION": os.environ["APEE_TEST_REDIS_URL"],
+        "LOCATION": spec.get("location") or os.environ["APEE_TEST_REDIS_URL"],
         "OPTIONS": spec.get("options", {}),
     }
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if spec.get("log"):  # django_apee's log lines, on stderr (Child.errors)
+        import logging
+
+        logging.basicConfig(
+            level=logging.DEBUG, format="%(relativeCreated)d %(threadName)s %(message)s"
+        )
+        logging.getLogger("django_apee").setLevel(logging.DEBUG)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
     import django
 
@@ -89,10 +100,22 @@ def main() -> None:
     compute_s = float(spec["compute_s"])
     answer = spec.get("answer", "computed")
 
-    def compute() -> dict[str, Any]:
-        number = int(raw.incr(counter))
-        time.sleep(compute_s)
-        return {"answer": answer, "n": number, "pid": os.getpid(), "at": time.time()}
+    keys = spec.get("keys") or [spec["key"]]
+
+    def computing(key: str) -> Any:
+        count_on = counter if len(keys) == 1 else f"{counter}:{key}"
+
+        def compute() -> dict[str, Any]:
+            number = int(raw.incr(count_on))
+            time.sleep(compute_s)
+            return {
+                "answer": answer,
+                "n": number,
+                "pid": os.getpid(),
+                "at": time.time(),
+            }
+
+        return compute
 
     # Warm up: the coordinator, the pools and the wake-up subscription exist
     # before the release, as in a process that has served requests already.
@@ -111,12 +134,12 @@ def main() -> None:
     loop_s = spec.get("loop_s")
     pause_s = float(spec.get("pause_s", 0.0))
 
-    def one_call() -> dict[str, Any]:
+    def one_call(key: str) -> dict[str, Any]:
         started = time.time()
         try:
             value = get_or_set_stampede_safe(
-                spec["key"],
-                compute,
+                key,
+                computing(key),
                 spec["timeout"],
                 soft_timeout=spec.get("soft_timeout"),
                 cache=alias,
@@ -127,24 +150,28 @@ def main() -> None:
                 "trace": traceback.format_exc(),
                 "start": started,
                 "end": time.time(),
+                "key": key,
             }
-        return {**value, "start": started, "end": time.time()}
+        return {**value, "start": started, "end": time.time(), "key": key}
 
-    def run() -> None:
+    def run(key: str) -> None:
         go.wait()
         mine: list[dict[str, Any]] = []
         if loop_s is None:
-            mine.append(one_call())
+            mine.append(one_call(key))
         else:
             until = time.monotonic() + float(loop_s)
             while time.monotonic() < until:
-                mine.append(one_call())
+                mine.append(one_call(key))
                 if pause_s:
                     time.sleep(pause_s)
         with lock:
             results.extend(mine)
 
-    threads = [threading.Thread(target=run) for _ in range(int(spec["threads"]))]
+    threads = [
+        threading.Thread(target=run, args=(keys[i % len(keys)],))
+        for i in range(int(spec["threads"]))
+    ]
     for thread in threads:
         thread.start()
     print("READY", flush=True)
@@ -162,7 +189,7 @@ def main() -> None:
                 "released": released,
                 "results": results,
                 "metrics": {
-                    name: value - warm_metrics[name]
+                    name: value - warm_metrics.get(name, 0.0)
                     for name, value in metric_values(alias).items()
                 },
             }

@@ -1,0 +1,278 @@
+"""ApeeCache under Redis Sentinel: routing, herd mode, and a failover under load.
+
+Each test starts its own ``SentinelGroup`` (1 primary, 2 replicas, 3
+sentinels, ready in ~0.3 s) and stops it by PID. The load tests run
+``tests/support/stampede_worker.py`` in two processes of 8 threads on four
+hot keys (TTL 2 s, 0.1 s compute) while the primary is SIGKILLed or
+``SENTINEL FAILOVER``ed; computes are counted on the session's own Redis,
+outside the deployment under test. They assert counts (no exception, computes
+per key per TTL window) and orderings (writes on the new primary after the
+failover); the one timing bound (worst wait) has the issue's margin, and the
+failover timeline is printed (``-rP`` shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from tests.support.children import Child
+from tests.support.sentinel_group import SentinelGroup
+
+pytestmark = pytest.mark.faults
+
+TTL_S = 2.0
+COMPUTE_S = 0.1
+RUN_S = 12.0
+FAULT_AT_S = 3.0
+HOT_KEYS = [f"hot:{n}" for n in range(4)]
+#: What the workers wait for a new primary before they fail open.
+FAILOVER_WAIT_S = 10.0
+
+
+@pytest.fixture
+def group() -> Iterator[SentinelGroup]:
+    deployment = SentinelGroup()
+    try:
+        deployment.start()
+        yield deployment
+    finally:
+        deployment.close()
+
+
+def sample(name: str, alias: str) -> float:
+    return REGISTRY.get_sample_value(name, {"cache": alias}) or 0.0
+
+
+def evalsha_calls(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_evalsha") or {}
+    return int(stats.get("calls", 0))
+
+
+# -- routing and herd mode ----------------------------------------------------------
+
+
+def test_reads_go_to_the_primary_unless_replica_reads(group, make_cache):
+    replicas = [node.client() for node in group.data[1:]]
+    try:
+        _, cache = make_cache(location=group.location, **group.cache_options())
+        before = [evalsha_calls(r) for r in replicas]
+        assert cache.set("routed", "x", 60) is True
+        for _ in range(10):
+            assert cache.get("routed") == "x"  # never a replica's lag
+        assert [evalsha_calls(r) for r in replicas] == before
+
+        _, reading = make_cache(
+            location=group.location, **group.cache_options(REPLICA_READS=True)
+        )
+        with group.client_for(group.primary()) as primary:
+            assert primary.execute_command("WAIT", 2, 5000) == 2
+        for _ in range(10):
+            reading.get("routed")  # plain reads: a replica, by choice
+        assert sum(evalsha_calls(r) for r in replicas) > sum(before)
+    finally:
+        for client in replicas:
+            client.close()
+
+
+def test_herd_mode_under_sentinel_one_reader_gets_the_early_miss(group, make_cache):
+    alias, cache = make_cache(location=group.location, **group.cache_options())
+    assert cache.set("page", "old", TTL_S) is True
+    time.sleep(TTL_S * 0.95 + 0.05)  # past the soft timeout, before the hard one
+    answers: list[Any] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def read() -> None:
+        start.wait()
+        found = cache.get("page", "MISS")
+        with lock:
+            answers.append(found)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(answers) == ["MISS"] + ["old"] * 7
+    assert sample("apee_cache_herd_misses_total", alias) == 1
+    assert sample("apee_cache_redis_errors_total", alias) == 0
+    assert cache.set("page", "new", TTL_S) is True  # the winner's fenced write
+    assert cache.get("page") == "new"
+
+
+# -- a failover under load ----------------------------------------------------------
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Child]]:
+    started: list[Child] = []
+
+    def start(**spec: Any) -> Child:
+        worker = Child("tests.support.stampede_worker", json.dumps(spec))
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.kill()
+
+
+def run_under_load(
+    group: SentinelGroup,
+    spawn: Callable[..., Child],
+    raw_redis: redis.Redis,
+    fault: Callable[[], tuple[str, int]],
+) -> dict[str, Any]:
+    """Two workers x 8 threads on the hot keys; ``fault`` at FAULT_AT_S."""
+    alias = f"sentinel_{uuid.uuid4().hex[:6]}"
+    counter = f"test:computes:sentinel:{uuid.uuid4().hex[:6]}"
+    options = group.cache_options(FAILOVER_WAIT=FAILOVER_WAIT_S)
+    workers = [
+        spawn(
+            alias=alias,
+            location=group.location,
+            options=options,
+            key=HOT_KEYS[0],
+            keys=HOT_KEYS,
+            counter=counter,
+            threads=8,
+            compute_s=COMPUTE_S,
+            timeout=TTL_S,
+            loop_s=RUN_S,
+            pause_s=0.02,
+        )
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.wait_ready()
+    for worker in workers:
+        worker.go()
+    began = time.time()
+    time.sleep(FAULT_AT_S)
+    fault_at = time.time()
+    old = fault()
+    took = group.wait_new_primary(old, timeout=20)
+    new_at = fault_at + took
+    new = group.primary()
+    old_calls_at_switch = None
+    if group.node(old[1]).alive:
+        time.sleep(max(0.0, new_at + 1.0 - time.time()))  # the watch's poll
+        with group.client_for(old) as client:
+            old_calls_at_switch = evalsha_calls(client)
+    written_after = written_on(group, new, new_at)
+    outcomes = [worker.result(timeout=RUN_S + 30) for worker in workers]
+    old_calls_after = None
+    if old_calls_at_switch is not None:
+        with group.client_for(old) as client:
+            old_calls_after = evalsha_calls(client)
+    calls = [call for outcome in outcomes for call in outcome["results"]]
+    computes = {key: int(raw_redis.get(f"{counter}:{key}") or 0) for key in HOT_KEYS}
+    return {
+        "alias": alias,
+        "began": began,
+        "fault_at": fault_at,
+        "new_at": new_at,
+        "failover_s": took,
+        "old": old,
+        "new": new,
+        "calls": calls,
+        "outcomes": outcomes,
+        "computes": computes,
+        "written_after": written_after,
+        "old_writes_after_switch": (
+            None if old_calls_after is None else old_calls_after - old_calls_at_switch
+        ),
+    }
+
+
+def written_on(group: SentinelGroup, new: tuple[str, int], new_at: float) -> set[str]:
+    """Hot keys seen on the new primary with a value written after ``new_at``
+    (its PTTL longer than the time since), sampled for a second from 1.5 s
+    after the switch on."""
+    seen: set[str] = set()
+    time.sleep(max(0.0, new_at + 1.5 - time.time()))
+    with group.client_for(new) as client:
+        while time.time() < new_at + 2.5 and len(seen) < len(HOT_KEYS):
+            for key in HOT_KEYS:
+                pttl = client.pttl(f":1:{key}")
+                if pttl > TTL_S * 1000 - (time.time() - new_at) * 1000 + 50:
+                    seen.add(key)
+            time.sleep(0.02)
+    return seen
+
+
+def check_and_report(run: dict[str, Any], name: str) -> None:
+    calls = run["calls"]
+    failed = [call for call in calls if "error" in call]
+    assert not failed, failed[0].get("trace")
+    assert len(calls) > 100
+    waits = [call["end"] - call["start"] for call in calls]
+    worst = max(waits)
+    windows = RUN_S / TTL_S
+    per_window = {key: n / windows for key, n in run["computes"].items()}
+    fault_at, new_at = run["fault_at"], run["new_at"]
+    after = [call for call in calls if call["start"] > new_at]
+    first_ok = min(
+        (call["end"] for call in calls if call["end"] > fault_at), default=None
+    )
+    first_compute = min(
+        (call["at"] - COMPUTE_S for call in calls if call["at"] > fault_at),
+        default=None,
+    )
+    blocked = [call for call in calls if call["start"] < new_at < call["end"]]
+    fallbacks = sum(o["metrics"]["fallbacks"] for o in run["outcomes"])
+    reasons = {
+        name: sum(o["metrics"].get(name, 0) for o in run["outcomes"])
+        for o in run["outcomes"]
+        for name in o["metrics"]
+        if name.startswith("fallback:")
+    }
+    slow = sorted(
+        ((round(c["end"] - c["start"], 2), round(c["start"] - fault_at, 2), c["key"])
+         for c in calls),
+        reverse=True,
+    )[:5]  # fmt: skip
+
+    def at(moment: float | None) -> str:
+        return "-" if moment is None else f"{moment - fault_at:+.3f} s"
+
+    print(
+        f"\n{name} timeline (t=0: the fault, {run['old']} -> {run['new']}):"
+        f"\n  sentinels name the new primary, role master  {at(new_at)}"
+        f"\n  first call to return after the fault          {at(first_ok)}"
+        f"\n  first compute started after the fault         {at(first_compute)}"
+        f"\n  last call blocked across the switch returned  "
+        f"{at(max((c['end'] for c in blocked), default=None))}"
+        f"\n  calls {len(calls)}, across the switch {len(blocked)}, worst wait "
+        f"{worst:.3f} s (failover {run['failover_s']:.2f} s), fallbacks "
+        f"{fallbacks:.0f}; computes per key {run['computes']} = per TTL window "
+        f"{max(per_window.values()):.2f} max; writes to the old primary after "
+        f"the switch + 1 s: {run['old_writes_after_switch']}; fallbacks by "
+        f"reason {reasons}; slowest calls (wait, start, key) {slow}"
+    )
+    assert worst <= run["failover_s"] + 1.0 + COMPUTE_S
+    assert max(per_window.values()) <= 1.5
+    # Writes land on the new primary afterwards: every hot key was written
+    # there after the switch, and callers that started after it were served.
+    assert run["written_after"] == set(HOT_KEYS)
+    assert after
+
+
+def test_primary_killed_under_load(group, spawn, raw_redis):
+    run = run_under_load(group, spawn, raw_redis, group.kill_primary)
+    check_and_report(run, "primary SIGKILLed")
+
+
+def test_sentinel_failover_under_load(group, spawn, raw_redis):
+    run = run_under_load(group, spawn, raw_redis, group.failover)
+    check_and_report(run, "SENTINEL FAILOVER")
+    assert run["old_writes_after_switch"] == 0
