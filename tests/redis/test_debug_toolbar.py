@@ -9,6 +9,7 @@ request computed, the second as a fresh hit.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -29,7 +30,7 @@ def show_toolbar(request: object) -> bool:
     return True
 
 
-def test_toolbar_panel_shows_each_stampede_safe_call(redis_url):
+def toolbar_settings(redis_url: str) -> override_settings:
     caches_config = {
         **settings.CACHES,
         # Soft timeouts at 5 % of the timeout: a plain set's entry is stale
@@ -38,7 +39,7 @@ def test_toolbar_panel_shows_each_stampede_safe_call(redis_url):
         "toolbar": {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": redis_url,
                     "KEY_PREFIX": "djdt", "OPTIONS": {"SOFT_TIMEOUT_RATIO": 0.05}},
     }  # fmt: skip
-    with override_settings(
+    return override_settings(
         DEBUG=True,
         INSTALLED_APPS=[
             *settings.INSTALLED_APPS,
@@ -53,7 +54,11 @@ def test_toolbar_panel_shows_each_stampede_safe_call(redis_url):
             "SHOW_TOOLBAR_CALLBACK": "tests.redis.test_debug_toolbar.show_toolbar",
             "RENDER_PANELS": True,
         },
-    ):
+    )
+
+
+def test_toolbar_panel_shows_each_stampede_safe_call(redis_url):
+    with toolbar_settings(redis_url):
         # What django_apee's app config does at start-up when the panel is
         # configured (here the settings changed after start-up), before the
         # alias's runtime is built by its first use.
@@ -77,3 +82,25 @@ def test_toolbar_panel_shows_each_stampede_safe_call(redis_url):
     assert "2 calls, 1 computed, 0 lease waits" in html  # the nav subtitle
     assert "Herd decisions of plain gets (1)" in panel
     assert "<td>toolbar</td><td>herd_miss</td>" in panel
+
+
+def test_toolbar_panel_records_an_async_views_calls(redis_url):
+    """The recording travels with the request's context into the worker
+    thread ``aget_or_set_stampede_safe`` runs in."""
+    from django.test import AsyncClient
+
+    async def fetch() -> str:
+        response = await AsyncClient().get("/async-report/")
+        assert response.status_code == 200
+        return str(response.content.decode())
+
+    with toolbar_settings(redis_url):
+        trace.enable()
+        caches["toolbar"].delete("toolbar-async")
+        html = asyncio.run(fetch())
+    panel = html[html.index('id="ApeePanel"') :]
+    assert "Stampede-safe calls (1)" in panel
+    assert (
+        "<td>toolbar</td><td><code>djdt:1:toolbar-async</code></td>"
+        "<td>miss</td><td>compute</td>"
+    ) in panel

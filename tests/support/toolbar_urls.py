@@ -20,7 +20,16 @@ def report(request: HttpRequest) -> HttpResponse:
     return HttpResponse(f"<html><body><p>{menu} {first} {second}</p></body></html>")
 
 
+async def async_report(request: HttpRequest) -> HttpResponse:
+    """One stampede-safe call from an async view."""
+    value = await caches["toolbar"].aget_or_set_stampede_safe(
+        "toolbar-async", lambda: "computed", 60
+    )
+    return HttpResponse(f"<html><body><p>{value}</p></body></html>")
+
+
 urlpatterns: list[URLPattern | URLResolver] = [
     path("report/", report),
+    path("async-report/", async_report),
     path("__debug__/", include("debug_toolbar.urls")),
 ]
