@@ -43,7 +43,9 @@ from collections.abc import Callable
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoPermissionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from django_apee.store.errors import REDIS_ERRORS
 
@@ -51,6 +53,11 @@ logger = logging.getLogger("django_apee")
 
 #: A refused CLIENT LIST is logged at most this often per process.
 DENIED_LOG_SECONDS = 60.0
+#: An identity connection idle this long is asked its id again before a
+#: lease names it: the server may have closed it meanwhile (its ``timeout``
+#: setting), and a lease naming a closed connection's id would be taken over
+#: from a live holder. One round trip, at most once per this many seconds.
+IDLE_RECHECK_S = 10.0
 
 
 class Identity:
@@ -66,13 +73,17 @@ class Identity:
         self._lock = threading.Lock()
         self._client: Redis | None = None
         self._id: int | None = None
+        #: When the connection was last known to be alive (monotonic).
+        self._alive_at = 0.0
         #: The ACL refuses CLIENT ID, or the client has no single pool (a
         #: cluster): leases name nobody, not asked again.
         self.denied = False
 
     def client(self) -> Redis:
-        """The identity connection (a single-connection client of the pool)."""
+        """The identity connection (a single-connection client of the pool),
+        for a command about to be sent on it (a renewal)."""
         with self._lock:
+            self._alive_at = time.monotonic()
             return self._ensure()
 
     def _ensure(self) -> Redis:
@@ -91,15 +102,16 @@ class Identity:
     def client_id(self) -> int | None:
         """This process's client id on the Redis, or None if it cannot be had."""
         known = self._id
-        if known is not None or self.denied:
+        if self.denied or (
+            known is not None and time.monotonic() - self._alive_at < IDLE_RECHECK_S
+        ):
             return known
         with self._lock:
             if not hasattr(self._connect(), "connection_pool"):
                 self.denied = True  # a cluster: client ids are per node
                 return None
             try:
-                client = self._ensure()
-                found = int(client.client_id())
+                found = self._ask_id()
             except NoPermissionError:
                 self.denied = True
                 logger.warning(
@@ -113,7 +125,18 @@ class Identity:
                 logger.debug("django_apee: CLIENT ID failed", exc_info=True)
                 return None
             self._id = found
+            self._alive_at = time.monotonic()
             return found
+
+    def _ask_id(self) -> int:
+        """CLIENT ID on the identity connection; once more on a fresh one if
+        the server had closed it (``REDIS_RETRIES`` may be 0)."""
+        client = self._ensure()
+        try:
+            return int(client.client_id())
+        except (RedisConnectionError, RedisTimeoutError):
+            client.connection.disconnect()  # type: ignore[union-attr]
+            return int(client.client_id())
 
     def reset(self) -> None:
         """Drop the connection (the primary changed): the next use reconnects

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 
 from django_apee.checks import check_holder_checks
 from django_apee.core import keys
-from django_apee.store import lease
+from django_apee.store import holder, lease
 from django_apee.store.holder import Identity
 from tests.redis.test_wake_channels import acl_server, admin, configured, unique
 
@@ -105,3 +105,20 @@ def test_without_client_list_dead_holders_end_by_expiry_and_w007_says_so(
         assert time.monotonic() - began >= 0.5  # the lease's expiry
         assert cache.runtime.coordinator.waiting.holders.denied
     assert [m for m in check_holder_checks() if m.obj == "noclient"] == []
+
+
+def test_an_identity_closed_while_idle_is_asked_again_before_a_lease_names_it(
+    make_cache, raw_redis
+):
+    _, cache = make_cache()
+    identity = cache.runtime.identity
+    old_id = identity.client_id()
+    assert old_id is not None
+    # The server closes an idle connection (its ``timeout`` setting).
+    raw_redis.execute_command("CLIENT", "KILL", "ID", old_id)
+    assert identity.client_id() == old_id  # recently alive: no round trip
+    identity._alive_at -= holder.IDLE_RECHECK_S + 1
+    new_id = identity.client_id()
+    assert new_id is not None
+    assert new_id != old_id
+    assert raw_redis.execute_command("CLIENT", "LIST", "ID", new_id)
