@@ -276,3 +276,47 @@ def test_sentinel_failover_under_load(group, spawn, raw_redis):
     run = run_under_load(group, spawn, raw_redis, group.failover)
     check_and_report(run, "SENTINEL FAILOVER")
     assert run["old_writes_after_switch"] == 0
+
+
+# -- min-replicas-to-write ------------------------------------------------------------
+
+
+def test_noreplicas_is_waited_out_like_a_failover(group, make_cache):
+    """``min-replicas-to-write 1``: with both replicas frozen the primary
+    refuses writes (NOREPLICAS); a write waits (FAILOVER_WAIT) and lands as
+    soon as a replica is back, instead of failing."""
+    _, cache = make_cache(
+        location=group.location, **group.cache_options(FAILOVER_WAIT=8)
+    )
+    assert cache.set("before", 1, 60) is True
+    primary = group.node(group.primary()[1])
+    with primary.client() as client:
+        client.config_set("min-replicas-to-write", 1)
+        client.config_set("min-replicas-max-lag", 1)
+        replicas = group.data[1:]
+        for replica in replicas:
+            replica.pause()
+        try:
+            deadline = time.monotonic() + 10
+            refused = ""
+            while not refused:  # until the replicas' last ACK is over 1 s old
+                try:
+                    client.set("probe", 1)
+                except redis.ResponseError as error:
+                    refused = str(error)
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert refused.startswith("NOREPLICAS")
+            resumed = threading.Timer(1.0, replicas[0].resume)
+            resumed.start()
+            began = time.monotonic()
+            assert cache.set("during", 2, 60) is True  # waited, then landed
+            took = time.monotonic() - began
+            resumed.join()
+        finally:
+            for replica in replicas:
+                replica.resume()
+            client.config_set("min-replicas-to-write", 0)
+        assert client.exists(":1:during") == 1
+    print(f"\nNOREPLICAS waited out: the write landed {took:.2f} s after it was sent")
+    assert 0.8 <= took < 8
