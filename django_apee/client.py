@@ -26,6 +26,7 @@ from redis.client import Pipeline
 
 from django_apee.client_inplace import InPlaceMixin, interrupted
 from django_apee.client_invalidate import InvalidateMixin
+from django_apee.client_read import GET_CHUNK, ReadMixin
 from django_apee.client_routing import RoutingMixin
 from django_apee.core import MISSING, policy, to_milliseconds
 from django_apee.core.envelope import (
@@ -37,14 +38,10 @@ from django_apee.core.envelope import (
 )
 from django_apee.core.keys import LEASE, companion
 from django_apee.core.wire import HEADER_PEEK_BYTES
-from django_apee.engine.herd import Row
-from django_apee.observe import metrics
 from django_apee.store import scripts
 from django_apee.store.wake import wake_channel
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from redis import Redis
 
     from django_apee.cache import ApeeCache
@@ -53,12 +50,9 @@ if TYPE_CHECKING:
 
 #: The largest stored value LEGACY_READS tries to decode.
 LEGACY_MAX_BYTES = 8 * 1024 * 1024
-#: The most keys one ``lua/get.lua`` call reads. A script holds Redis's one
-#: thread until it returns: a get_many of 50,000 keys in one call blocked
-#: every other client for 131 ms. Larger get_many calls are split into
-#: calls of this many keys, sent together in one pipelined round trip, so
-#: other clients' commands run between them.
-GET_CHUNK = 512
+
+
+__all__ = ["GET_CHUNK", "ApeeClientMixin", "client_class"]
 
 
 def _is_pickle(data: bytes) -> bool:
@@ -66,7 +60,7 @@ def _is_pickle(data: bytes) -> bool:
     return len(data) > 2 and data[0] == 0x80 and 2 <= data[1] <= 5
 
 
-class ApeeClientMixin(RoutingMixin, InvalidateMixin, InPlaceMixin):
+class ApeeClientMixin(ReadMixin, RoutingMixin, InvalidateMixin, InPlaceMixin):
     """Envelope encoding and Django's semantics on top of a django-redis client."""
 
     _backend: ApeeCache
@@ -170,68 +164,6 @@ class ApeeClientMixin(RoutingMixin, InvalidateMixin, InPlaceMixin):
         return made
 
     # -- Django's contract ------------------------------------------------------
-
-    def get(
-        self,
-        key: Any,
-        default: Any = None,
-        version: int | None = None,
-        client: Redis | None = None,
-    ) -> Any:
-        """Return the value, or ``default`` when absent, unreadable or past hard.
-
-        Herd mode (see ``herd.py``) may answer ``default`` for a value past
-        its soft timeout: to the one reader fleet-wide that won its lease and
-        is expected to ``set`` the next value.
-        """
-        return self.get_many([key], version=version, client=client).get(key, default)
-
-    def get_many(
-        self,
-        keys: Iterable[Any],
-        version: int | None = None,
-        client: Redis | None = None,
-    ) -> dict[Any, Any]:
-        """Read every key with its PTTL in one round trip (``lua/get.lua``,
-        at most ``GET_CHUNK`` keys per script call).
-
-        The PTTL tells each entry's age: past its hard timeout it is a miss
-        (entries kept longer for ``stale_if_error`` outlive it in Redis),
-        past its soft timeout herd mode may make it a miss for one reader.
-        An absent key whose lease is held is being computed: herd mode
-        waits for that write (``herd.Herd.wait_for``).
-        """
-        if client is None:
-            client = self.get_client(write=False)
-        by_made_key = {self.make_key(key, version=version): key for key in keys}
-        if not by_made_key:
-            return {}
-        made_keys = list(by_made_key)
-        with interrupted(client):
-            flat = self._read_rows(client, made_keys)
-        rows = [
-            Row(made, by_made_key[made], flat[3 * i], int(flat[3 * i + 1]),
-                int(flat[3 * i + 2]))
-            for i, made in enumerate(made_keys)
-        ]  # fmt: skip
-        found = self._backend.runtime.herd.read(rows)
-        metrics.count_gets(
-            self._backend.alias, len(found), len(by_made_key) - len(found)
-        )
-        return found
-
-    @staticmethod
-    def _read_rows(client: Redis, made_keys: list[CacheKey]) -> list[Any]:
-        """``lua/get.lua``'s flat answer for ``made_keys``, ``GET_CHUNK`` keys
-        per script call; more than one call go in one pipelined round trip."""
-        calls: list[tuple[list[str], list[Any]]] = []
-        for start in range(0, len(made_keys), GET_CHUNK):
-            chunk = made_keys[start : start + GET_CHUNK]
-            calls.append((chunk + [companion(made, LEASE) for made in chunk], []))
-        if len(calls) == 1:  # the hit path: EVALSHA alone, no pipeline
-            keys, args = calls[0]
-            return list(scripts.run(client, "get", keys=keys, args=args))
-        return [one for part in scripts.run_many(client, "get", calls) for one in part]
 
     @property
     def wake_channel(self) -> str:

@@ -29,6 +29,7 @@ from django.core.cache.backends.base import (
 )
 
 from django_apee.core import MISSING
+from django_apee.core.wire import RAW_INT
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -139,6 +140,44 @@ class NearClientMixin:
                 memo.clear()
             memo[(key, version)] = made
         return made
+
+    def _read_value(self, client: Redis, made: Any) -> Any:
+        """``get``'s plain GET, reserved before it is sent and filled from
+        its answer (freshness from the write time the envelope carries)."""
+        return self._read_values(client, [made], single=True)[0]
+
+    def _read_values(
+        self, client: Redis, made_keys: list[Any], *, single: bool = False
+    ) -> list[Any]:
+        """``get_many``'s plain MGET, each key reserved before it is sent and
+        filled from its answer.
+
+        A raw int carries no write time: its PTTL, read after it (so the
+        deadline it gives is early, never late), comes with it, one
+        pipelined round trip for all of them, only when it is to be kept.
+        """
+        near = self._near
+        tickets = [near.reserve(made) for made in made_keys]
+        sent = time.monotonic()
+        if single:
+            raws = [super()._read_value(client, made_keys[0])]  # type: ignore[misc]
+        else:
+            raws = super()._read_values(client, made_keys)  # type: ignore[misc]
+        ints = [
+            i
+            for i, raw in enumerate(raws)
+            if tickets[i] is not None and raw and RAW_INT.fullmatch(raw)
+        ]
+        pttls: dict[int, int] = {}
+        if ints:
+            pipeline = client.pipeline(transaction=False)
+            for i in ints:
+                pipeline.pttl(made_keys[i])
+            pttls = dict(zip(ints, pipeline.execute(), strict=True))
+        for i, ticket in enumerate(tickets):
+            if ticket is not None:
+                near.fill(ticket, raws[i], sent, pttl_ms=pttls.get(i))
+        return list(raws)
 
     def _read_rows(self, client: Redis, made_keys: list[Any]) -> list[Any]:
         """The Redis read of ``get_many``, with each key reserved before it is

@@ -269,6 +269,12 @@ class ApeeClusterClient(ApeeClientMixin, DefaultClient):  # type: ignore[misc]
         return made
 
     @staticmethod
+    def _read_values(client: Any, made_keys: list[CacheKey]) -> list[Any]:
+        """``get_many``'s plain read: one ``MGET`` per hash slot, pipelined
+        per node, in the order asked (``RedisCluster.mget_nonatomic``)."""
+        return list(client.mget_nonatomic(made_keys))
+
+    @staticmethod
     def _read_rows(client: Any, made_keys: list[CacheKey]) -> list[Any]:
         """``lua/get.lua``'s flat answer, one script call per hash slot (at most
         ``GET_CHUNK`` keys each), all pipelined in one round trip per node."""

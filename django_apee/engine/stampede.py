@@ -7,9 +7,11 @@ talks to Redis, ``core.singleflight`` coalesces the threads of one process,
 
 The path of one call:
 
-1. *Hit*: one round trip reads the value and its PTTL. Fresh: return it.
-   Early (picked by XFetch) or stale: return it, and whoever wins the lease
-   refreshes it, in the background by default, so no request waits.
+1. *Hit*: one ``GET``; fresh by the write time the entry carries and
+   Redis's clock (``store/clock.py``): return it. Otherwise the value is
+   read again with its PTTL, atomically, and judged by that. Early (picked
+   by XFetch) or stale: return it, and whoever wins the lease refreshes it,
+   in the background by default, so no request waits.
 2. *Miss* (absent, past its hard timeout, unreadable): the threads of this
    process coalesce; their leader takes the lease and computes, or waits for
    the holder's wake-up, timed to the lease's life, and takes over if the
@@ -51,6 +53,10 @@ if TYPE_CHECKING:
     from django_apee.store.wake import WakeHub
 
 logger = logging.getLogger("django_apee")
+
+
+#: What ``Coordinator._lean_hit`` returns for bytes that do not decode.
+_UNREADABLE = object()
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,18 @@ class Coordinator:
         if not self.breaker.allow():
             return self._local(call, reason="circuit_open")
         try:
-            raw, call.read_pttl = lease.read(self.store.connection(), call.made)
+            connection = self.store.connection()
+            raw: bytes | None = connection.get(call.made)  # type: ignore[assignment]
+            if raw is not None:
+                value = self._lean_hit(call.made, raw)
+                if value is _UNREADABLE:
+                    raw = None  # counted once; a miss, recomputed
+                elif value is not MISSING:
+                    self.breaker.success()
+                    self.events.hits.inc()
+                    return value
+                else:  # not a fresh hit by its envelope: its PTTL decides
+                    raw, call.read_pttl = lease.read(connection, call.made)
         except REDIS_ERRORS:
             self.waiting.redis_failed()
             return self._local(call, reason="redis_error")
@@ -180,6 +197,22 @@ class Coordinator:
                     stale = value
         self.events.misses.inc()
         return self._coalesced(call.made, lambda: self._fill(call, stale))
+
+    def _lean_hit(self, made: str, raw: bytes) -> Any:
+        """The value of an entry fresh by its envelope and Redis's clock
+        (``policy.fresh_until_ms``); MISSING when only its PTTL can tell;
+        ``_UNREADABLE`` (counted by the store)."""
+        decoded = self.store.decode_entry(made, raw)
+        if decoded is None:
+            return _UNREADABLE
+        value, meta = decoded
+        until = policy.fresh_until_ms(meta, self.rules)
+        if until == policy.NO_DEADLINE:
+            return value
+        if until == policy.UNDECIDED or self.clock is None:
+            return MISSING
+        now = self.clock.latest_ms()
+        return value if now is not None and now < until else MISSING
 
     def _serve(self, call: Call, value: Any, state: policy.State) -> Any:
         self.events.hits.inc()

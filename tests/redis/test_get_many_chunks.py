@@ -1,10 +1,12 @@
-"""``get_many`` runs ``lua/get.lua`` over at most ``GET_CHUNK`` keys per call.
+"""``get_many`` reads at most ``GET_CHUNK`` keys per command or script call.
 
-A script holds Redis's one thread until it returns, so a large get_many is
-split into calls of ``GET_CHUNK`` keys, sent together in one pipelined round
-trip, with the same answers as one call would give. Watched with MONITOR on
-a private server (its only clients are this test's; the session's server
-also gets other aliases' stats flushes from a background thread).
+Fresh hits are one ``MGET``; the keys that are not (absent, stale, older
+entries) go through ``lua/get.lua``. Either holds Redis's one thread until
+it returns, so a large get_many is split into commands of ``GET_CHUNK``
+keys, sent together in one pipelined round trip, with the same answers as
+one call would give. Watched with MONITOR on a private server (its only
+clients are this test's; the session's server also gets other aliases'
+stats flushes from a background thread).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from django.core.cache import caches
 from django.test import override_settings
 
 from django_apee.cache import ApeeCache
-from django_apee.client import GET_CHUNK
+from django_apee.client_read import GET_CHUNK
+from django_apee.core.keys import LEASE, companion
+from tests.redis.test_stampede import age_entry
 from tests.support.monitor import client_commands, monitored, script_runs
 from tests.support.redis_server import RedisServer
 
@@ -57,7 +61,11 @@ def test_get_chunk_is_small_enough_to_bound_a_script():
     assert 64 <= GET_CHUNK <= 1024
 
 
-def test_a_large_get_many_runs_one_script_call_per_chunk(server, raw, cache):
+def mgets(seen) -> list[list[str]]:
+    return [c["command"].split() for c in seen if c["command"].startswith("MGET ")]
+
+
+def test_a_large_get_many_runs_one_command_per_chunk(server, raw, cache):
     count = 5000
     keys = [f"k{i}" for i in range(count)]
     present = {key: i for i, key in enumerate(keys) if i % 3}
@@ -69,30 +77,39 @@ def test_a_large_get_many_runs_one_script_call_per_chunk(server, raw, cache):
 
     assert found == present
     assert list(found) == [key for key in keys if key in present]  # input order
-    calls = [call for call, _ in script_runs(seen, "get")]
-    assert len(calls) == math.ceil(count / GET_CHUNK) == 10
-    sizes = [int(call[2]) // 2 for call in calls]
+    sizes = [len(call) - 1 for call in mgets(seen)]
     assert sizes == [GET_CHUNK] * 9 + [count - 9 * GET_CHUNK]
-    # Pipelined EVALSHAs only: no SCRIPT EXISTS round trip before them.
-    assert client_commands(seen) == {"EVALSHA"}
+    # The absent third, and only it, goes through the script, chunked too.
+    calls = [call for call, _ in script_runs(seen, "get")]
+    absent = count - len(present)
+    assert len(calls) == math.ceil(absent / GET_CHUNK)
+    assert sum(int(call[2]) // 2 for call in calls) == absent
+    # Pipelined commands only: no SCRIPT EXISTS round trip before them.
+    assert client_commands(seen) == {"MGET", "EVALSHA"}
 
 
-def test_a_small_get_many_is_one_plain_script_call(server, raw, cache):
+def test_a_get_many_of_fresh_hits_is_one_mget(server, raw, cache):
     cache.set_many({"a": 1, "b": 2}, 60)
+    cache.get("warm")  # the clock's first sample
+    with monitored(server) as seen:
+        assert cache.get_many(["a", "b"]) == {"a": 1, "b": 2}
+    assert client_commands(seen) == {"MGET"}
     with monitored(server) as seen:
         assert cache.get_many(["a", "b", "c"]) == {"a": 1, "b": 2}
-    assert len(script_runs(seen, "get")) == 1
-    assert client_commands(seen) == {"EVALSHA"}
+    # Only the absent key takes the script, for its lease.
+    (call,) = [call for call, _ in script_runs(seen, "get")]
+    assert call[3:] == [":1:c", companion(":1:c", LEASE)]
+    assert client_commands(seen) == {"MGET", "EVALSHA"}
 
 
 def test_chunked_get_many_survives_a_script_flush(server, raw, cache):
     keys = [f"k{i}" for i in range(GET_CHUNK * 2 + 1)]
-    cache.set_many(dict.fromkeys(keys, "v"), 60)
     raw.script_flush()
     with monitored(server) as seen:
-        assert cache.get_many(keys) == dict.fromkeys(keys, "v")
-    assert client_commands(seen) == {"EVALSHA", "SCRIPT"}  # NOSCRIPT, LOAD, again
+        assert cache.get_many(keys) == {}  # all absent: all through the script
+    assert client_commands(seen) == {"MGET", "EVALSHA", "SCRIPT"}  # NOSCRIPT, LOAD
     assert len(script_runs(seen, "get")) == 2 * 3
+    cache.set_many(dict.fromkeys(keys, "v"), 60)
     assert cache.get_many(keys) == dict.fromkeys(keys, "v")
 
 
@@ -102,7 +119,7 @@ def test_chunked_get_many_keeps_herd_mode_per_key(server, raw, cache):
     keys = [f"k{i}" for i in range(GET_CHUNK + 100)]
     cache.set_many(dict.fromkeys(keys, "old"), 100)
     stale = keys[GET_CHUNK + 7]
-    raw.pexpire(str(cache.client.make_key(stale)), 2000)  # past its soft timeout
+    age_entry(cache, raw, stale, left_ms=2000)  # past its soft timeout
 
     first = cache.get_many(keys)
     assert stale not in first  # this reader won the lease

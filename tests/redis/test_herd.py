@@ -28,6 +28,7 @@ from django_apee.core.envelope import Meta
 from django_apee.store import lease
 from tests.redis.test_stampede import (
     Background,
+    age_entry,
     hold_lease,
     lease_key,
     made_key,
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def make_stale(backend, raw_redis, key, left_ms=200):
     """Leave ``key`` ``left_ms`` to live: past its soft timeout if that is < 5 %."""
-    raw_redis.pexpire(made_key(backend, key), left_ms)
+    age_entry(backend, raw_redis, key, left_ms)
     pttl = raw_redis.pttl(made_key(backend, key))
     assert 0 < pttl <= left_ms
 

@@ -189,6 +189,28 @@ def write_entry(
     raw_redis.set(made, payload, px=px or meta.hard_ms + meta.grace_ms)
 
 
+def age_entry(
+    backend: ApeeCache, raw_redis: redis.Redis, key: Any, left_ms: int
+) -> None:
+    """Make ``key``'s entry as old as one with ``left_ms`` to live would be.
+
+    Both clocks a reader may judge it by agree: its PTTL (``PEXPIRE``), and
+    its write time, moved back by the same amount and signed again (a
+    ``PEXPIRE`` alone would leave the write time saying it is young, and the
+    lean hit path would serve it as fresh until Redis deletes it).
+    """
+    made = made_key(backend, key)
+    raw = raw_redis.get(made)
+    assert raw is not None, f"{key!r} is not in the cache"
+    value, meta = backend.envelope.decode(raw, key=made)
+    assert meta is not None, f"{key!r} has no timeout"
+    assert meta.hard_ms, f"{key!r} has no timeout"
+    if meta.written_ms:
+        lived = meta.hard_ms + meta.grace_ms - left_ms
+        meta = meta._replace(written_ms=meta.written_ms - lived)
+    raw_redis.set(made, backend.envelope.encode(value, meta, key=made), px=left_ms)
+
+
 def hold_lease(backend: ApeeCache, key: Any, lease_ms: int) -> lease.Lease:
     """Take ``key``'s lease by hand, as another process's holder would."""
     client = backend.client.get_client(write=True)

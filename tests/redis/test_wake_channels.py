@@ -31,7 +31,14 @@ from django_apee.checks import check_wake_channel
 from django_apee.core.envelope import Meta
 from django_apee.store import fleet, lease
 from django_apee.store.wake import acl_rule, wake_channel
-from tests.redis.test_stampede import Background, Compute, hold_lease, metric, wait_for
+from tests.redis.test_stampede import (
+    Background,
+    Compute,
+    age_entry,
+    hold_lease,
+    metric,
+    wait_for,
+)
 from tests.support.redis_server import RedisServer, free_port
 
 APEE = "django_apee.cache.ApeeCache"
@@ -246,7 +253,7 @@ def test_a_denied_channel_costs_wake_ups_not_writes(acl_server, admin):
         # Herd mode: a stale entry misses for one reader, whose set is the
         # fenced write (lua/herd_set.lua publishes too).
         assert cache.set("page", "old", 100) is True
-        admin.pexpire(str(cache.client.make_key("page")), 200)
+        age_entry(cache, admin, "page", left_ms=200)
         assert cache.get("page") is None  # the winner
         assert cache.get("page") == "old"  # everyone else, meanwhile
         assert cache.set("page", "new", 100) is True
