@@ -26,6 +26,10 @@ slowly, each reply within ``Ts``, times nothing out; a command then costs its
 round trips, and on a new connection redis-py's handshake first (HELLO or
 AUTH, CLIENT SETNAME, two CLIENT SETINFO, SELECT: up to 5 more).
 
+Under Sentinel with ``FAILOVER_WAIT`` set, a command waits for a new primary
+on purpose: ``B = FAILOVER_WAIT + 2 * (Tc + Ts)`` (the first attempt, the
+window after it, the last attempt started in it).
+
 A ``get_or_set_stampede_safe`` caller whose Redis stops answering waits at
 most ``B + C`` (``caller_bound``), ``C`` being the compute: its first Redis
 command that fails sends it to compute locally (and after
@@ -92,6 +96,12 @@ def connection_bound(connection: Any) -> float:
     connect_timeout = connection.socket_connect_timeout
     if socket_timeout is None or connect_timeout is None:
         return float("inf")
+    window = getattr(retry, "window_s", None)
+    if window is not None:
+        # FAILOVER_WAIT under Sentinel (store/failover.py): attempts go on
+        # until ``window`` after the first failure, and the last one started
+        # then may take a whole attempt.
+        return 2 * (float(connect_timeout) + float(socket_timeout)) + float(window)
     backoffs = tuple(backoff_bound(retry._backoff, n) for n in range(1, retries + 1))
     return command_bound(retries, connect_timeout, socket_timeout, backoffs)
 

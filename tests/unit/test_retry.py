@@ -108,3 +108,23 @@ def test_redis_pys_own_defaults_are_what_the_docs_say():
     assert backoff_bound(retry._backoff, 10) == 1.0
     by_url = redis.ConnectionPool.from_url("redis://127.0.0.1:9/0")
     assert by_url.make_connection().retry.get_retries() == 0
+
+
+def test_failover_wait_is_part_of_the_bound():
+    from redis.connection import Connection
+
+    parsed = parse(
+        {
+            "SENTINELS": [("127.0.0.1", 26379)],
+            "FAILOVER_WAIT": 10,
+            "SOCKET_TIMEOUT": 0.25,
+            "SOCKET_CONNECT_TIMEOUT": 0.25,
+        }
+    )[0]
+    retry = parsed.redis_options["CONNECTION_POOL_KWARGS"]["retry"]
+    connection = Connection(
+        socket_timeout=0.25, socket_connect_timeout=0.25, retry=retry
+    )
+    assert connection_bound(connection) == pytest.approx(10 + 2 * 0.5)
+    # The sentinels themselves are asked with the plain policy.
+    assert parsed.redis_options["SENTINEL_KWARGS"]["retry"].get_retries() == 0
