@@ -14,9 +14,9 @@ during ``manage.py check``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django.core.exceptions import ImproperlyConfigured
@@ -25,6 +25,7 @@ from django_redis.cache import RedisCache, omit_exception
 from django_redis.exceptions import ConnectionInterrupted
 
 from django_apee import runtime
+from django_apee.cache_async import AsyncCacheMixin
 from django_apee.client import client_class
 from django_apee.client_near import near_client
 from django_apee.conf import ApeeOptions, utc_today
@@ -62,7 +63,7 @@ def signing_keys() -> list[bytes]:
     )
 
 
-class ApeeCache(RedisCache):  # type: ignore[misc]
+class ApeeCache(AsyncCacheMixin, RedisCache):  # type: ignore[misc]
     """A stampede-proof Redis cache backend built on django-redis."""
 
     def __init__(self, server: str, params: dict[str, Any]) -> None:
@@ -201,10 +202,10 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
         raises here: the value is computed locally, still coalesced per
         process.
         """
-        if timeout is DEFAULT_TIMEOUT:
-            timeout = self.default_timeout
-        compute = default if callable(default) else (lambda: default)
-        if timeout is not None and timeout <= 0:
+        compute, call = self.stampede_call(
+            key, default, timeout, soft_timeout, stale_if_error, version
+        )
+        if call is None:
             # Django's get_or_set returns a value already cached, and only a
             # computed one is not stored (a timeout of 0 or less stores nothing).
             try:
@@ -212,13 +213,35 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
             except (ConnectionInterrupted, *REDIS_ERRORS):
                 found = MISSING
             return compute() if found is MISSING else found
-        made = self.client.make_key(key, version=version)  # Django's key checks
-        spec = make_spec(timeout, soft_timeout, stale_if_error, self.options.policy)
-        call = Call(made, compute, spec)
         if trace.enabled():  # a debugging tool records this request's calls
-            with trace.call(self.alias, str(made)):
+            with trace.call(self.alias, str(call.made)):
                 return self.runtime.coordinator.get_or_set(call)
         return self.runtime.coordinator.get_or_set(call)
+
+    def stampede_call(
+        self,
+        key: Any,
+        default: Any,
+        timeout: float | None,
+        soft_timeout: float | None,
+        stale_if_error: float | None,
+        version: int | None,
+        constant: Callable[[Any], Callable[[], Any]] = lambda value: lambda: value,
+    ) -> tuple[Callable[[], Any], Call | None]:
+        """The compute and the engine's call for ``get_or_set_stampede_safe``'s
+        arguments; no call when ``timeout`` stores nothing (0 or less).
+
+        ``constant(value)``: the compute of a ``default`` that is a value,
+        not a callable.
+        """
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self.default_timeout
+        compute = default if callable(default) else constant(default)
+        if timeout is not None and timeout <= 0:
+            return compute, None
+        made = self.client.make_key(key, version=version)  # Django's key checks
+        spec = make_spec(timeout, soft_timeout, stale_if_error, self.options.policy)
+        return compute, Call(made, compute, spec)
 
     def get_or_set(
         self,
@@ -229,64 +252,3 @@ class ApeeCache(RedisCache):  # type: ignore[misc]
     ) -> Any:
         """Django's ``get_or_set``, on the stampede-safe path."""
         return self.get_or_set_stampede_safe(key, default, timeout, version=version)
-
-    async def aget(
-        self, key: Any, default: Any = None, version: int | None = None
-    ) -> Any:
-        """Django's ``aget``, off ``sync_to_async``'s shared thread.
-
-        A plain get may wait for another reader's computation of the key
-        (herd mode, ``COLD_MISS_WAIT``); on the one thread every
-        ``thread_sensitive`` call shares, that would stall all of them (and
-        their ORM calls).
-        """
-        return await sync_to_async(self.get, thread_sensitive=False)(
-            key, default, version
-        )
-
-    async def aget_many(self, keys: Any, version: int | None = None) -> Any:
-        """Django's ``aget_many``, off the shared thread as ``aget`` is."""
-        return await sync_to_async(self.get_many, thread_sensitive=False)(keys, version)
-
-    async def aget_or_set_stampede_safe(
-        self,
-        key: Any,
-        default: Any,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        *,
-        soft_timeout: float | None = None,
-        stale_if_error: float | None = None,
-        version: int | None = None,
-    ) -> Any:
-        """The async twin of ``get_or_set_stampede_safe``.
-
-        Runs in a worker thread that is *not* the one thread-sensitive
-        thread ``sync_to_async`` shares, so a wait for another process's
-        computation blocks neither the event loop nor other sync code.
-        """
-        return await sync_to_async(
-            self.get_or_set_stampede_safe, thread_sensitive=False
-        )(
-            key,
-            default,
-            timeout,
-            soft_timeout=soft_timeout,
-            stale_if_error=stale_if_error,
-            version=version,
-        )
-
-    async def aget_or_set(
-        self,
-        key: Any,
-        default: Any,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        version: int | None = None,
-    ) -> Any:
-        """Django's ``aget_or_set``, on the stampede-safe path on every Django.
-
-        Django 5.2 builds it from ``aget`` and ``aadd``, which would bypass
-        the lease entirely.
-        """
-        return await self.aget_or_set_stampede_safe(
-            key, default, timeout, version=version
-        )

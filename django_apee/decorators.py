@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 
-from django_apee.api import get_or_set_stampede_safe
+from django_apee.api import aget_or_set_stampede_safe, get_or_set_stampede_safe
 
 T = TypeVar("T")
 
@@ -89,26 +89,46 @@ def stampede_safe(
     version: int | None = None,
     cache: str = "default",
 ) -> Callable[[Callable[..., T]], Callable[..., T]]:
-    """Decorate a function so its result is cached with ``get_or_set_stampede_safe``."""
+    """Decorate a function so its result is cached with ``get_or_set_stampede_safe``
+    (``aget_or_set_stampede_safe`` for an ``async def`` function)."""
 
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
         def cache_key(*args: Any, **kwargs: Any) -> Any:
             return key(*args, **kwargs) if key else function_key(fn, args, kwargs)
 
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> T:
-            result: T = get_or_set_stampede_safe(
-                cache_key(*args, **kwargs),
-                lambda: fn(*args, **kwargs),
-                timeout,
-                soft_timeout=soft_timeout,
-                stale_if_error=stale_if_error,
-                version=version,
-                cache=cache,
-            )
-            return result
+        options: dict[str, Any] = {
+            "soft_timeout": soft_timeout,
+            "stale_if_error": stale_if_error,
+            "version": version,
+            "cache": cache,
+        }
+        wrapper: Any
+        if inspect.iscoroutinefunction(fn):
+            # An ``async def`` function: awaited on the loop, once fleet-wide
+            # (``functools.partial`` keeps it recognisably a coroutine function).
 
-        wrapper.cache_key = cache_key  # type: ignore[attr-defined]
-        return wrapper
+            @functools.wraps(fn)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return await aget_or_set_stampede_safe(
+                    cache_key(*args, **kwargs),
+                    functools.partial(fn, *args, **kwargs),
+                    timeout,
+                    **options,
+                )
+
+        else:
+
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> T:
+                result: T = get_or_set_stampede_safe(
+                    cache_key(*args, **kwargs),
+                    lambda: fn(*args, **kwargs),
+                    timeout,
+                    **options,
+                )
+                return result
+
+        wrapper.cache_key = cache_key
+        return wrapper  # type: ignore[no-any-return]
 
     return decorate

@@ -20,10 +20,13 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from django_apee.core.process import Registry
+from django_apee.engine.aio.loop import per_loop
+from django_apee.engine.aio.stampede import AsyncCoordinator
 from django_apee.engine.herd import Herd
 from django_apee.engine.stampede import Coordinator
 from django_apee.observe import metrics, trace
 from django_apee.store import fleet
+from django_apee.store.aio.connect import async_client, mappable
 from django_apee.store.clock import RedisClock
 from django_apee.store.failover import PrimaryWatch, sentinel_pool
 from django_apee.store.holder import Identity
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
 
     from django_apee.cache import ApeeCache
     from django_apee.core.envelope import Meta
+    from django_apee.engine.aio.loop import LoopIO
+    from django_apee.store.aio.loops import PerLoop
 
 
 class BackendStore:
@@ -96,6 +101,7 @@ class Runtime:
         self.herd = Herd(
             self.store, self.hub, options.tuning, self.events, self.identity
         )
+        self._async: tuple[AsyncCoordinator | None] | None = None
         #: The near cache (OPTIONS NEAR_CACHE), None when off.
         self.near = _near(backend, self) if options.near_cache else None
         #: Under Sentinel: follows the primary, and moves the wake-up
@@ -114,11 +120,33 @@ class Runtime:
             ),
         )
 
+    @property
+    def acoordinator(self) -> AsyncCoordinator | None:
+        """The async engine (``engine/aio``), built on first use: per event
+        loop, a ``redis.asyncio`` client with the primary's settings, its
+        wake-up subscription and flights. None when the client has no async
+        twin (a cluster): the async methods then run the sync ones in a
+        thread."""
+        if self._async is None:
+            loops = _loops(self.store, self.hub.channel)
+            self._async = (
+                AsyncCoordinator(self.coordinator, loops) if loops else None,
+            )
+        return self._async[0]
+
     def close(self) -> None:
         """This configuration is dropped: stop the near cache's tracking now
         (its thread would otherwise hear writes until it is collected)."""
         if self.near is not None:
             self.near.close()
+
+
+def _loops(store: BackendStore, channel: str) -> PerLoop[LoopIO] | None:
+    """The alias's async state per loop, or None if its client has no
+    ``redis.asyncio`` twin (checked without I/O)."""
+    if not mappable(store.connection()):
+        return None
+    return per_loop(lambda: async_client(store.connection()), channel, store.connection)
 
 
 #: This process's near caches by LOCATION and tracked prefix: aliases that

@@ -42,11 +42,13 @@ from typing import TYPE_CHECKING, Any
 
 from django_apee.core import MISSING, policy
 from django_apee.core.memo import ExpiringMemo
-from django_apee.engine.waiting import Landed, Waiting, Won
+from django_apee.engine.waiting import Landed, TimedOut, Waiting, Won
 from django_apee.store import lease
 from django_apee.store.errors import REDIS_ERRORS
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from django_apee.core.envelope import Meta
     from django_apee.engine.protocol import Events, Store, Tuning
     from django_apee.store.holder import Identity
@@ -62,6 +64,8 @@ CLAIM_WINDOW_S = 60.0
 ABSENT_MEMORY_S = 60.0
 #: In a read row, for an absent key: whether a lease is held is not known.
 LEASE_UNKNOWN = -3
+#: An absent key: ``(made key, key, its lease's PTTL or LEASE_UNKNOWN)``.
+Absent = tuple[str, Any, int]
 
 
 @dataclass(frozen=True)
@@ -131,8 +135,23 @@ class Herd:
         mode may make it a miss for one reader; an absent key whose lease
         is held is being computed, and is waited for.
         """
+        found, contested, absent = self.sort(rows)
+        for row, value, meta in contested:
+            if not self.contend(row.made, row.raw, meta, row.pttl_ms):  # type: ignore[arg-type]
+                found[row.key] = value
+        if absent and self.waits():
+            found.update(self.wait_for(absent))
+        return found
+
+    def sort(
+        self, rows: list[Row]
+    ) -> tuple[dict[Any, Any], list[tuple[Row, Any, Meta]], list[Absent]]:
+        """Sort ``rows`` into values to serve, values one reader may have to
+        recompute (herd mode: the reader that wins their lease misses), and
+        keys absent or as good as absent (perhaps being computed)."""
         found: dict[Any, Any] = {}
-        absent: list[tuple[str, Any, int]] = []
+        contested: list[tuple[Row, Any, Meta]] = []
+        absent: list[Absent] = []
         for row in rows:
             if not row.raw:
                 absent.append((row.made, row.key, row.lease_pttl_ms))
@@ -161,13 +180,15 @@ class Herd:
                 and meta.soft_ms == 0
                 and self.stale_misses
                 and not self.excluded(row.key)
-                and self.contend(row.made, row.raw, meta, row.pttl_ms)
             ):
+                contested.append((row, value, meta))
                 continue
             found[row.key] = value
-        if absent and (self.tuning.herd or self.tuning.cold_miss_wait):
-            found.update(self.wait_for(absent))
-        return found
+        return found, contested, absent
+
+    def waits(self) -> bool:
+        """Absent keys are waited for (herd mode or COLD_MISS_WAIT)."""
+        return bool(self.tuning.herd or self.tuning.cold_miss_wait)
 
     # -- stale and early entries ------------------------------------------------
 
@@ -180,27 +201,51 @@ class Herd:
         one reader that will write the next value.
         """
         now = time.monotonic()
+        if self.claimed(made, now):
+            return False
+        attempt = self.waiting.try_lease(made, self.lease_ms(meta), hash(raw), now)
+        held = self.won(made, raw, read_pttl, attempt, now)
+        if held is not None:  # won, but rewritten meanwhile: give it back
+            self.waiting.release_quietly(held)
+        return attempt is not None and attempt.lease is not None and held is None
+
+    def lease_ms(self, meta: Meta) -> int:
+        """The lease a reader takes to recompute an entry written with ``meta``."""
+        return policy.lease_ms(meta.delta_ms or None, self.rules)
+
+    def claimed(self, made: str, now: float) -> bool:
+        """This process already won ``made``'s lease and its write is due."""
         claim = self._claims.get(made, now)
-        if claim is not None and now < claim.started + claim.lease.lease_ms / 1000:
-            return False
-        # Which write of the entry this is: a memo about another holder's
-        # lease is about the entry as it was, not about its successor.
-        lease_ms = policy.lease_ms(meta.delta_ms or None, self.rules)
-        attempt = self.waiting.try_lease(made, lease_ms, hash(raw), now)
+        return claim is not None and now < claim.started + claim.lease.lease_ms / 1000
+
+    def won(
+        self,
+        made: str,
+        raw: bytes,
+        read_pttl: int,
+        attempt: lease.Attempt | None,
+        now: float,
+    ) -> lease.Lease | None:
+        """Record a lease won on a stale entry; return it instead if it must
+        be given back (the entry was rewritten between our read and the
+        acquire: its writer just freed the lease, and recomputing now would
+        compute twice).
+
+        The lease's identity is a hash of the bytes read: a memo about
+        another holder's lease is about the entry as it was, not about its
+        successor.
+        """
         if attempt is None or attempt.lease is None:
-            return False
+            return None
         if attempt.raw != raw or attempt.pttl_ms > read_pttl:
-            # Rewritten between our read and the acquire: its writer just
-            # freed the lease, and recomputing now would compute twice.
-            self.waiting.release_quietly(attempt.lease)
-            return False
+            return attempt.lease
         digest = hashlib.sha1(raw, usedforsecurity=False).hexdigest()
         self._record(Claim(attempt.lease, now, digest))
-        return True
+        return None
 
     # -- absent entries ------------------------------------------------------------
 
-    def wait_for(self, absent: list[tuple[str, Any, int]]) -> dict[Any, Any]:
+    def wait_for(self, absent: list[Absent]) -> dict[Any, Any]:
         """Values of absent keys that another reader's write delivered.
 
         ``absent`` holds ``(made key, key, lease PTTL)``, the PTTL
@@ -212,26 +257,37 @@ class Herd:
         The whole call waits at most ``COLD_MISS_WAIT`` if set, else
         ``WAIT_TIMEOUT``, and never past the lease's end plus a little.
         """
-        cold_wait = self.tuning.cold_miss_wait
-        deadline = time.monotonic() + (cold_wait or self.tuning.wait_timeout)
+        deadline = self.deadline()
         landed: dict[Any, Any] = {}
-        for made, key, lease_pttl in absent:
-            # Being computed (or perhaps: expired just now), or cold-waiting.
-            if lease_pttl == -2 and not cold_wait:
-                continue
-            if self.excluded(key) or self._absent.get(made, time.monotonic()):
-                continue
+        for made, key in self.to_wait(absent):
             try:
-                value = self._wait_one(made, deadline)
+                outcome = self.waiting.wait(made, self.rules.default_lease_ms, deadline)
             except REDIS_ERRORS:
                 self.events.redis_errors.inc()
                 break
+            value = self.waited(made, outcome)
             if value is not MISSING:
                 landed[key] = value
         return landed
 
-    def _wait_one(self, made: str, deadline: float) -> Any:
-        outcome = self.waiting.wait(made, self.rules.default_lease_ms, deadline)
+    def deadline(self) -> float:
+        """When a read's waits for absent keys end (see ``wait_for``)."""
+        cold_wait = self.tuning.cold_miss_wait
+        return time.monotonic() + (cold_wait or self.tuning.wait_timeout)
+
+    def to_wait(self, absent: list[Absent]) -> Iterator[tuple[str, Any]]:
+        """The absent keys worth waiting for, as ``(made key, key)``."""
+        for made, key, lease_pttl in absent:
+            # Being computed (or perhaps: expired just now), or cold-waiting.
+            if lease_pttl == -2 and not self.tuning.cold_miss_wait:
+                continue
+            if self.excluded(key) or self._absent.get(made, time.monotonic()):
+                continue
+            yield made, key
+
+    def waited(self, made: str, outcome: Landed | Won | TimedOut) -> Any:
+        """The value a wait for ``made`` ended with, or MISSING: a won lease
+        is this reader's to write (its claim is recorded)."""
         if isinstance(outcome, Landed):
             return outcome.value
         if isinstance(outcome, Won):

@@ -109,6 +109,14 @@ class Call:
     read_pttl: int = -2
 
 
+def rewritten(call: Call, attempt: lease.Attempt) -> bool:
+    """The entry was rewritten since ``call`` read it (a PTTL only falls):
+    another process's refresh landed between the read and this acquire, and
+    its lease is free again. Refreshing now would be a second compute for
+    one expiry."""
+    return attempt.pttl_ms > call.read_pttl >= 0
+
+
 class Coordinator:
     """What the threads of one process share for one cache alias."""
 
@@ -180,6 +188,23 @@ class Coordinator:
             self.waiting.redis_failed()
             return self._local(call, reason="redis_error")
         self.breaker.success()
+        value, state, stale = self.judge(call, raw)
+        if state is None:
+            return self._coalesced(call.made, lambda: self._fill(call, stale))
+        if self.serving(state):
+            return value
+        refreshed = self._refresh(call, state)
+        return value if refreshed is MISSING else refreshed
+
+    def judge(
+        self, call: Call, raw: bytes | None
+    ) -> tuple[Any, policy.State | None, Any]:
+        """What the read of ``call.made`` found: ``(value, state, stale)``.
+
+        ``state`` None is a miss (counted), its ``stale`` the value kept for
+        ``stale_if_error`` or MISSING. Records the entry's metadata in
+        ``call.previous``.
+        """
         stale = MISSING
         if raw is not None:
             decoded = self.store.decode_entry(call.made, raw)
@@ -192,11 +217,11 @@ class Coordinator:
                     rand=policy.xfetch_rand(call.previous, random.random()),
                 )
                 if state.servable:
-                    return self._serve(call, value, state)
+                    return value, state, MISSING
                 if state is policy.State.GRACE:
                     stale = value
         self.events.misses.inc()
-        return self._coalesced(call.made, lambda: self._fill(call, stale))
+        return MISSING, None, stale
 
     def _lean_hit(self, made: str, raw: bytes) -> Any:
         """The value of an entry fresh by its envelope and Redis's clock
@@ -214,14 +239,15 @@ class Coordinator:
         now = self.clock.latest_ms()
         return value if now is not None and now < until else MISSING
 
-    def _serve(self, call: Call, value: Any, state: policy.State) -> Any:
+    def serving(self, state: policy.State) -> bool:
+        """A servable value is served (counted): True if nothing else is to
+        be done, False if the caller should try to refresh it."""
         self.events.hits.inc()
         if state is policy.State.FRESH:
-            return value
+            return True
         if state is policy.State.STALE:
             self.events.stale_served.inc()
-        refreshed = self._refresh(call, state)
-        return value if refreshed is MISSING else refreshed
+        return False
 
     # -- refresh while a value is servable ------------------------------------
 
@@ -231,10 +257,8 @@ class Coordinator:
         Returns the new value when refreshed inline, else ``MISSING``.
         """
         made = call.made
-        with self._lock:
-            if made in self._refreshing:
-                return MISSING  # another thread of this process is on it
-            self._refreshing.add(made)
+        if not self.refreshing(made):
+            return MISSING  # another thread of this process is on it
         background = False
         try:
             held = self._refresh_lease(call)
@@ -244,13 +268,21 @@ class Coordinator:
                 self.events.early_refreshes.inc()
             if self.tuning.refresh == "inline":
                 return self._compute_and_store(call, held, MISSING)
-            background = self._start_background(call, held)
+            background = self.start_background(call, held)
             if not background:
                 self.waiting.release_quietly(held)
             return MISSING
         finally:
             if not background:  # else the background thread forgets it
-                self._forget_refresh(made)
+                self.forget_refresh(made)
+
+    def refreshing(self, made: str) -> bool:
+        """This caller refreshes ``made`` unless another of the process does."""
+        with self._lock:
+            if made in self._refreshing:
+                return False
+            self._refreshing.add(made)
+            return True
 
     def _refresh_lease(self, call: Call) -> lease.Lease | None:
         """The lease for a refresh of a servable entry, unless not worth taking.
@@ -259,31 +291,38 @@ class Coordinator:
         process holds the lease of one write is not applied to the next.
         """
         seed = call.previous.seed if call.previous is not None else 0
-        lease_ms = self._lease_ms(call.previous)
+        lease_ms = self.lease_ms(call.previous)
         attempt = self.waiting.try_lease(call.made, lease_ms, seed, time.monotonic())
         if attempt is None or attempt.lease is None:
             return None
-        if attempt.pttl_ms > call.read_pttl >= 0:
-            # Rewritten since we read it (a PTTL only falls): another
-            # process's refresh landed between our read and this acquire, and
-            # its lease is free again. Refreshing now would be a second
-            # compute for one expiry.
+        if rewritten(call, attempt):
             self.waiting.release_quietly(attempt.lease)
             return None
         return attempt.lease
 
-    def _start_background(self, call: Call, held: lease.Lease) -> bool:
-        if not self._pool_slots.acquire(blocking=False):
-            self.events.fallback("refresh_pool_full")
+    def start_background(self, call: Call, held: lease.Lease) -> bool:
+        """Refresh in the pool; False (counted) if it is full or closed."""
+        if not self.pool_slot():
             return False
         try:
             self._pool.submit(self._background, call, held)
         except RuntimeError:  # the interpreter is shutting down
-            self._pool_slots.release()
+            self.pool_slot_free()
             return False
         return True
 
-    def _forget_refresh(self, made: str) -> None:
+    def pool_slot(self) -> bool:
+        """A slot for one more background refresh (the async engine's
+        refreshes count too); False, counted, when all are taken."""
+        if self._pool_slots.acquire(blocking=False):
+            return True
+        self.events.fallback("refresh_pool_full")
+        return False
+
+    def pool_slot_free(self) -> None:
+        self._pool_slots.release()
+
+    def forget_refresh(self, made: str) -> None:
         with self._lock:
             self._refreshing.discard(made)
 
@@ -291,15 +330,24 @@ class Coordinator:
         try:
             self._compute_and_store(call, held, MISSING)
         except Exception:
-            logger.warning(
-                "django_apee: background refresh of %s failed",
-                held.value_key,
-                exc_info=True,
-            )
+            self.background_failed(held)
         finally:
-            self._pool_slots.release()
-            self._forget_refresh(call.made)
+            self.background_done(call)
             self.tuning.thread_done()
+
+    @staticmethod
+    def background_failed(held: lease.Lease) -> None:
+        """A background refresh raised: nobody waits for it, so log it."""
+        logger.warning(
+            "django_apee: background refresh of %s failed",
+            held.value_key,
+            exc_info=True,
+        )
+
+    def background_done(self, call: Call) -> None:
+        """A background refresh ended: its slot and its entry are free."""
+        self.pool_slot_free()
+        self.forget_refresh(call.made)
 
     # -- miss ------------------------------------------------------------------
 
@@ -314,7 +362,7 @@ class Coordinator:
         deadline = time.monotonic() + self.tuning.wait_timeout
         try:
             outcome = self.waiting.wait(
-                call.made, self._lease_ms(call.previous), deadline
+                call.made, self.lease_ms(call.previous), deadline
             )
         except REDIS_ERRORS:
             self.waiting.redis_failed()
@@ -328,30 +376,17 @@ class Coordinator:
     # -- computing -------------------------------------------------------------
 
     def _compute_and_store(self, call: Call, held: lease.Lease, stale: Any) -> Any:
-        lease.RENEWER.track(held)
-        started = time.monotonic()
+        started = self.computing(held)
         try:
             value = call.compute()
         except Exception:
-            lease.RENEWER.untrack(held)
-            self.waiting.release_quietly(held)  # free at once: the next one retries
-            self.events.computed("error")
-            if stale is not MISSING:
-                self.events.fallback("stale_if_error")
-                return stale
-            raise
+            self.compute_aborted(held)
+            return self.compute_failed(stale)
         except BaseException:
-            lease.RENEWER.untrack(held)
-            self.waiting.release_quietly(held)
+            self.compute_aborted(held)
             raise
-        elapsed = time.monotonic() - started
-        lease.RENEWER.untrack(held)
-        self.events.computed("ok")
-        self.events.compute_seconds.observe(elapsed)
         try:
-            written = self.clock.earliest_ms() if self.clock is not None else 0
-            meta = call.spec.meta(policy.measured_delta_ms(elapsed), written)
-            payload = self.store.encode_entry(call.made, value, meta)
+            payload = self.computed(call, held, value, started)
         except Exception:
             self.waiting.release_quietly(held)
             raise
@@ -360,10 +395,52 @@ class Coordinator:
         except REDIS_ERRORS:
             self.waiting.redis_failed()
             return value
+        self.stored(held, ours)
+        return value
+
+    # The steps around a computation under a lease, shared with the async
+    # engine (``engine/aio/stampede.py``), which awaits the compute and the
+    # release instead.
+
+    def computing(self, held: lease.Lease) -> float:
+        """A computation under ``held`` starts: renew it meanwhile."""
+        lease.RENEWER.track(held)
+        return time.monotonic()
+
+    def compute_failed(self, stale: Any) -> Any:
+        """The compute raised (the exception is being handled; its lease is
+        already freed, so the next caller retries): serve ``stale`` if kept
+        for ``stale_if_error``, else re-raise."""
+        self.events.computed("error")
+        if stale is not MISSING:
+            self.events.fallback("stale_if_error")
+            return stale
+        raise  # the exception being handled: this runs in its except block
+
+    def compute_aborted(self, held: lease.Lease) -> None:
+        """The compute ended without a value: stop renewing, free the lease."""
+        lease.RENEWER.untrack(held)
+        self.waiting.release_quietly(held)
+
+    def computed(
+        self, call: Call, held: lease.Lease, value: Any, started: float
+    ) -> bytes:
+        """The compute returned ``value``: count it, and encode the entry
+        (stamped with Redis's clock) to be written by the fenced release.
+        If encoding raises, the caller frees the lease."""
+        elapsed = time.monotonic() - started
+        lease.RENEWER.untrack(held)
+        self.events.computed("ok")
+        self.events.compute_seconds.observe(elapsed)
+        written = self.clock.earliest_ms() if self.clock is not None else 0
+        meta = call.spec.meta(policy.measured_delta_ms(elapsed), written)
+        return self.store.encode_entry(call.made, value, meta)
+
+    def stored(self, held: lease.Lease, ours: bool) -> None:
+        """The fenced release answered: was the lease still ours?"""
         if not ours:  # ``held.lost`` can be a renewal that raced this release
             self.events.lease_lost.inc()
         self.events.lease_renewals.inc(held.renewals)
-        return value
 
     def _compute_unstored(self, compute: Callable[[], Any], reason: str) -> Any:
         self.events.fallback(reason)
@@ -374,7 +451,7 @@ class Coordinator:
         self.events.fallback(reason)
         return self._coalesced(call.made, call.compute)
 
-    def _lease_ms(self, previous: Meta | None) -> int:
+    def lease_ms(self, previous: Meta | None) -> int:
         delta = previous.delta_ms if previous is not None else None
         return takeover.renewed_lease_ms(delta or None, self.rules)
 

@@ -31,6 +31,7 @@ would run out) and the quiet release of a lease nobody will write under.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,7 @@ from django_apee.store.errors import REDIS_ERRORS
 from django_apee.store.holder import HolderCheck
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Generator
 
     from redis import Redis
 
@@ -72,6 +73,49 @@ class TimedOut:
     """The deadline passed with neither a value nor the lease."""
 
     waited: float
+
+
+class Expect:
+    """Register for the entry's wake-up (before looking at it again)."""
+
+
+@dataclass(frozen=True)
+class Read:
+    """Read the entry's value and PTTL: answer ``(raw, pttl_ms)``."""
+
+
+@dataclass(frozen=True)
+class Acquire:
+    """Try the entry's lease, reading its value: answer a ``lease.Attempt``."""
+
+    lease_ms: int
+    dead: str | None
+
+
+@dataclass(frozen=True)
+class Alive:
+    """Is the lease holder's client there? Answer True, False or None."""
+
+    holder_id: int
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Wait for the wake-up at most ``seconds``: answer whether it came."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Release:
+    """Free a lease without writing; a Redis error is counted, not raised."""
+
+    held: lease.Lease
+
+
+Step = Expect | Read | Acquire | Alive | Sleep | Release
+EXPECT = Expect()
+READ = Read()
 
 
 class Waiting:
@@ -124,8 +168,53 @@ class Waiting:
     def wait(
         self, made: str, lease_ms: int, deadline: float
     ) -> Landed | Won | TimedOut:
-        """Wait for ``made``'s value or win its lease, until ``deadline``."""
+        """Wait for ``made``'s value or win its lease, until ``deadline``.
+
+        Drives :meth:`steps` with this thread's I/O (the async engine drives
+        the same steps with a loop's).
+        """
         client = self.store.connection()
+        event: threading.Event | None = None
+        machine = self.steps(made, lease_ms, deadline)
+        try:
+            step = next(machine)
+            while True:
+                reply: Any = None
+                if isinstance(step, Expect):
+                    if event is not None:
+                        self.hub.done(made, event)
+                    event = self.hub.expect(made)
+                elif isinstance(step, Read):
+                    reply = lease.read(client, made)
+                elif isinstance(step, Acquire):
+                    reply = self._acquire(client, made, step.lease_ms, step.dead)
+                elif isinstance(step, Alive):
+                    reply = self.holders.alive(client, step.holder_id)
+                elif isinstance(step, Release):
+                    self.release_quietly(step.held)
+                else:
+                    assert event is not None
+                    reply = event.wait(step.seconds)
+                step = machine.send(reply)
+        except StopIteration as stop:
+            outcome: Landed | Won | TimedOut = stop.value
+            return outcome
+        finally:
+            machine.close()
+            if event is not None:
+                self.hub.done(made, event)
+
+    def steps(
+        self, made: str, lease_ms: int, deadline: float
+    ) -> Generator[Step, Any, Landed | Won | TimedOut]:
+        """The waiting machine's decisions, without its I/O.
+
+        Yields what it needs done (:data:`Step`), is sent the answer, and
+        returns the outcome. ``Expect`` (answer: None) registers for the
+        entry's wake-up, replacing the previous registration; ``Sleep``'s
+        answer is whether a wake-up came. The time slept is counted in
+        ``lease_wait_seconds`` when the machine ends, however it ends.
+        """
         waited = 0.0
         woken = False
         started = time.monotonic()
@@ -133,54 +222,53 @@ class Waiting:
         dead: str | None = None  # the token of a holder found gone
         try:
             while True:
-                event = self.hub.expect(made)
-                try:
-                    if woken:
-                        value = self.servable(made, *lease.read(client, made))
-                        if value is not MISSING:
-                            return Landed(value, waited)
-                    attempt = self._acquire(client, made, lease_ms, dead)
-                    dead = None
-                    value = self.servable(made, attempt.raw, attempt.pttl_ms)
+                yield EXPECT
+                if woken:
+                    value = self.servable(made, *(yield READ))
                     if value is not MISSING:
-                        if attempt.lease is not None:
-                            self.release_quietly(attempt.lease)
                         return Landed(value, waited)
+                attempt: lease.Attempt = yield Acquire(lease_ms, dead)
+                dead = None
+                value = self.servable(made, attempt.raw, attempt.pttl_ms)
+                if value is not MISSING:
                     if attempt.lease is not None:
-                        if attempt.took_over:
-                            self.events.lease_takeovers.inc()
-                        return Won(attempt.lease, waited)
-                    now = time.monotonic()
-                    remaining_ms = int((deadline - now) * 1000)
-                    if remaining_ms <= 0:
-                        return TimedOut(waited)
-                    holder_id = keys.lease_holder_id(attempt.holder)
-                    due = takeover.next_check(started, last_check, self.holder_check_s)
-                    if takeover.should_check(
-                        now, due, holder_id, attempt.lease_pttl_ms, self.holder_check_s
-                    ):
-                        assert holder_id is not None
-                        last_check = now
-                        due = takeover.next_check(started, now, self.holder_check_s)
-                        if self.holders.alive(client, holder_id) is False:
-                            dead = attempt.holder  # try to take it over, now
-                            continue
-                    lease_wait_s = (
-                        policy.wait_ms(attempt.lease_pttl_ms, remaining_ms) / 1000
-                    )
-                    pause = (
-                        takeover.pause_s(now, due, lease_wait_s)
-                        if holder_id is not None
-                        else lease_wait_s
-                    )
-                    event.wait(pause)
-                    waited += time.monotonic() - now
-                    woken = event.is_set()
-                finally:
-                    self.hub.done(made, event)
+                        yield from self.quiet_release(attempt.lease)
+                    return Landed(value, waited)
+                if attempt.lease is not None:
+                    if attempt.took_over:
+                        self.events.lease_takeovers.inc()
+                    return Won(attempt.lease, waited)
+                now = time.monotonic()
+                remaining_ms = int((deadline - now) * 1000)
+                if remaining_ms <= 0:
+                    return TimedOut(waited)
+                holder_id = keys.lease_holder_id(attempt.holder)
+                due = takeover.next_check(started, last_check, self.holder_check_s)
+                if takeover.should_check(
+                    now, due, holder_id, attempt.lease_pttl_ms, self.holder_check_s
+                ):
+                    assert holder_id is not None
+                    last_check = now
+                    due = takeover.next_check(started, now, self.holder_check_s)
+                    if (yield Alive(holder_id)) is False:
+                        dead = attempt.holder  # try to take it over, now
+                        continue
+                lease_wait_ms = policy.wait_ms(attempt.lease_pttl_ms, remaining_ms)
+                lease_wait_s = lease_wait_ms / 1000
+                pause = (
+                    takeover.pause_s(now, due, lease_wait_s)
+                    if holder_id is not None
+                    else lease_wait_s
+                )
+                woken = yield Sleep(pause)
+                waited += time.monotonic() - now
         finally:
             if waited:
                 self.events.lease_wait_seconds.observe(waited)
+
+    def quiet_release(self, held: lease.Lease) -> Generator[Step, Any, None]:
+        """Steps that free ``held`` without writing (see ``release_quietly``)."""
+        yield Release(held)
 
     def _acquire(
         self, client: Redis, made: str, lease_ms: int, dead: str | None
@@ -205,13 +293,23 @@ class Waiting:
         or Redis failed (counted). A lease held by another process is
         remembered for as long as it has left.
         """
-        if self.held_elsewhere.get(made, now) == identity:
+        if self.known_held(made, identity, now):
             return None
         try:
             attempt = self._acquire(self.store.connection(), made, lease_ms, None)
         except REDIS_ERRORS:
             self.redis_failed()
             return None
+        return self.noted(made, attempt, identity, now)
+
+    def known_held(self, made: str, identity: int, now: float) -> bool:
+        """Another process holds the lease of this write of ``made``."""
+        return self.held_elsewhere.get(made, now) == identity
+
+    def noted(
+        self, made: str, attempt: lease.Attempt, identity: int, now: float
+    ) -> lease.Attempt:
+        """Remember a lease held elsewhere for as long as it has left."""
         if attempt.lease is None and attempt.lease_pttl_ms > 0:
             until = now + attempt.lease_pttl_ms / 1000
             self.held_elsewhere.put(made, until, identity, now)

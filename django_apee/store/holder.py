@@ -99,12 +99,18 @@ class Identity:
     def _reconnected(self, connection: Any) -> None:
         self._id = None
 
+    def known_id(self) -> int | None:
+        """The client id if known and its connection recently alive (no
+        I/O), else None: ``client_id`` must ask."""
+        known = self._id
+        if known is not None and time.monotonic() - self._alive_at < IDLE_RECHECK_S:
+            return known
+        return None
+
     def client_id(self) -> int | None:
         """This process's client id on the Redis, or None if it cannot be had."""
-        known = self._id
-        if self.denied or (
-            known is not None and time.monotonic() - self._alive_at < IDLE_RECHECK_S
-        ):
+        known = self.known_id()
+        if self.denied or known is not None:
             return known
         with self._lock:
             if not hasattr(self._connect(), "connection_pool"):
@@ -171,13 +177,21 @@ class HolderCheck:
                 "CLIENT", "LIST", "ID", holder_id
             )
         except NoPermissionError:
-            self.denied = True
-            self._warn()
-            return None
+            return self.refused()
         except REDIS_ERRORS:
-            logger.debug("django_apee: CLIENT LIST ID failed", exc_info=True)
-            return None
+            return self.failed()
         return bool(found)
+
+    def refused(self) -> bool | None:
+        """The ACL refused CLIENT LIST: never ask again, say why once."""
+        self.denied = True
+        self._warn()
+        return None
+
+    def failed(self) -> bool | None:
+        """Redis failed to answer: unknown, the lease's expiry decides."""
+        logger.debug("django_apee: CLIENT LIST ID failed", exc_info=True)
+        return None
 
     def _warn(self) -> None:
         now = time.monotonic()

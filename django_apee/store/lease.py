@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django_apee.core import keys
 from django_apee.core.policy import renew_every_ms
@@ -72,8 +72,84 @@ class Attempt:
 
 def read(client: Redis, value_key: str) -> tuple[bytes | None, int]:
     """Read a value and its PTTL atomically (one round trip)."""
-    raw, pttl = scripts.run(client, "read", keys=[value_key], args=[])
+    return read_reply(scripts.run(client, "read", keys=[value_key], args=[]))
+
+
+def read_reply(reply: Any) -> tuple[bytes | None, int]:
+    """``lua/read.lua``'s reply as (value or None, PTTL)."""
+    raw, pttl = reply
     return (raw or None), int(pttl)
+
+
+@dataclass(frozen=True)
+class AcquireCall:
+    """One ``lua/acquire.lua`` call, built before it is sent (sync or async)."""
+
+    value_key: str
+    lease_key: str
+    token: str
+    lease_ms: int
+    channel: str
+    dead: str | None
+    identity: Identity | None
+
+    @property
+    def keys(self) -> list[str]:
+        return [self.value_key, self.lease_key]
+
+    @property
+    def args(self) -> list[object]:
+        return [self.token, self.lease_ms, self.dead or ""]
+
+    def attempt(self, client: Any, reply: Any) -> Attempt:
+        """What the script's ``reply`` says; a taken lease is released
+        through ``client``."""
+        held, lease_pttl, raw, pttl = reply[:4]
+        holder = reply[4] if len(reply) > 4 else None
+        taken = Lease(
+            client,
+            self.value_key,
+            self.lease_key,
+            self.token,
+            self.lease_ms,
+            self.channel,
+            identity=self.identity,
+        )
+        if isinstance(holder, bytes):
+            holder = holder.decode("utf-8", "replace")
+        return Attempt(
+            taken if int(held) else None,
+            int(lease_pttl),
+            raw or None,
+            int(pttl),
+            holder or None,
+            int(held) == 2,
+        )
+
+
+def acquire_call(
+    value_key: str,
+    lease_ms: int,
+    *,
+    channel: str,
+    holder_id: int | None,
+    identity: Identity | None = None,
+    dead: str | None = None,
+) -> AcquireCall:
+    """The call that takes ``value_key``'s lease (see ``acquire``).
+
+    ``holder_id``: the client id the token names (None: nobody, and the
+    renewals run on the lease's own client).
+    """
+    return AcquireCall(
+        value_key,
+        keys.companion(value_key, keys.LEASE),
+        keys.lease_token(holder_id),
+        lease_ms,
+        channel,
+        dead,
+        identity if holder_id is not None else None,
+    )
 
 
 def acquire(
@@ -93,35 +169,28 @@ def acquire(
     this process is gone. ``dead``: the token of a holder whose client is
     gone; the lease is taken over if it is still that one.
     """
-    lease_key = keys.companion(value_key, keys.LEASE)
     holder_id = identity.client_id() if identity is not None else None
-    token = keys.lease_token(holder_id)
-    reply = scripts.run(
-        client,
-        "acquire",
-        keys=[value_key, lease_key],
-        args=[token, lease_ms, dead or ""],
+    call = acquire_call(
+        value_key,
+        lease_ms,
+        channel=channel,
+        holder_id=holder_id,
+        identity=identity,
+        dead=dead,
     )
-    held, lease_pttl, raw, pttl = reply[:4]
-    holder = reply[4] if len(reply) > 4 else None
-    lease = (
-        Lease(
-            client,
-            value_key,
-            lease_key,
-            token,
-            lease_ms,
-            channel,
-            identity=identity if holder_id is not None else None,
-        )
-        if int(held)
-        else None
-    )
-    if isinstance(holder, bytes):
-        holder = holder.decode("utf-8", "replace")
-    return Attempt(
-        lease, int(lease_pttl), raw or None, int(pttl), holder or None, int(held) == 2
-    )
+    reply = scripts.run(client, "acquire", keys=call.keys, args=call.args)
+    return call.attempt(client, reply)
+
+
+def release_args(lease: Lease, payload: bytes | None, px: int | None) -> list[object]:
+    """``lua/release.lua``'s ARGV for ending ``lease`` (see ``release``)."""
+    return [
+        lease.token,
+        lease.channel,
+        "1" if payload is not None else "0",
+        payload if payload is not None else b"",
+        "" if px is None else px,
+    ]
 
 
 def release(lease: Lease, payload: bytes | None, px: int | None) -> bool:
@@ -131,15 +200,11 @@ def release(lease: Lease, payload: bytes | None, px: int | None) -> bool:
     was still ours; False means someone newer owns the entry, or it was
     invalidated, and nothing was written.
     """
-    args = [
-        lease.token,
-        lease.channel,
-        "1" if payload is not None else "0",
-        payload if payload is not None else b"",
-        "" if px is None else px,
-    ]
     result = scripts.run(
-        lease.client, "release", keys=[lease.value_key, lease.lease_key], args=args
+        lease.client,
+        "release",
+        keys=[lease.value_key, lease.lease_key],
+        args=release_args(lease, payload, px),
     )
     return bool(int(result))
 

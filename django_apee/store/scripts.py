@@ -91,12 +91,24 @@ def run_many(
     """
     found = script(name)
     results = _evalsha_all(client, found.sha, calls)
-    missed = [i for i, one in enumerate(results) if isinstance(one, NoScriptError)]
+    missed = no_script(results)
     if missed:
         found.sha = client.script_load(found.script)
         again = _evalsha_all(client, found.sha, [calls[i] for i in missed])
-        for i, one in zip(missed, again, strict=True):
-            results[i] = one
+        return settled(results, missed, again)
+    return settled(results, [], [])
+
+
+def no_script(results: list[Any]) -> list[int]:
+    """The positions of a pipeline's calls that met NOSCRIPT (did not run)."""
+    return [i for i, one in enumerate(results) if isinstance(one, NoScriptError)]
+
+
+def settled(results: list[Any], missed: list[int], again: list[Any]) -> list[Any]:
+    """``results`` with the ``missed`` calls' second answers in their places;
+    the first error raised, as a pipeline would."""
+    for i, one in zip(missed, again, strict=True):
+        results[i] = one
     for one in results:
         # A cluster pipeline also answers a node's ConnectionError this way.
         if isinstance(one, Exception):

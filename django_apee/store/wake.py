@@ -19,12 +19,13 @@ wake-up is lost (its waiters wait to the lease's end).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from redis.exceptions import NoPermissionError
 
@@ -45,6 +46,11 @@ NOPERM_LOG_SECONDS = 60.0
 MAX_BACKOFF_S = 0.5
 #: How long the subscriber blocks reading before it checks ``reconnect``.
 POLL_S = 0.25
+
+#: The first pause before subscribing again after a failure, in seconds.
+RESUBSCRIBE_S = 0.05
+
+E = TypeVar("E", threading.Event, asyncio.Event)
 
 _GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
 
@@ -100,22 +106,103 @@ class _OncePer:
 NOPERM_LOG = _OncePer(NOPERM_LOG_SECONDS)
 
 
-class WakeHub:
-    """Wake-ups on one channel, over one pub/sub connection per process.
+class Waiters(Generic[E]):
+    """Who waits for which key's wake-up: the registry both hubs share.
 
     ``expect(key)`` registers interest *before* the caller looks again (so a
-    wake-up that lands in between is not missed), ``wait`` blocks on it, and
-    ``done`` unregisters. When the subscription is down, waits simply run to
-    their timeout, which the caller sets to the lease's remaining life.
+    wake-up that lands in between is not missed), and ``done`` unregisters.
+    The event type is the waiter's: ``threading.Event`` for threads,
+    ``asyncio.Event`` for coroutines of one loop.
     """
 
-    def __init__(self, connect: Callable[[], Redis], channel: str) -> None:
-        self._connect = connect
+    def __init__(self, new_event: Callable[[], E], channel: str) -> None:
         #: The channel this hub listens on (``wake_channel``); the leases
         #: taken for its waiters announce their end there.
         self.channel = channel
-        self._waiting: dict[str, set[threading.Event]] = {}
+        self._new_event: Callable[[], E] = new_event
+        self._waiting: dict[str, set[E]] = {}
         self._lock = threading.Lock()
+
+    def expect(self, value_key: str) -> E:
+        event = self._new_event()
+        with self._lock:
+            self._listening()
+            self._waiting.setdefault(value_key, set()).add(event)
+        return event
+
+    def _listening(self) -> None:
+        """Make sure the subscription runs (called under the lock)."""
+
+    def done(self, value_key: str, event: E) -> None:
+        with self._lock:
+            events = self._waiting.get(value_key)
+            if events is not None:
+                events.discard(event)
+                if not events:
+                    del self._waiting[value_key]
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(events) for events in self._waiting.values())
+
+    def _wake(self, value_key: str) -> None:
+        with self._lock:
+            events = list(self._waiting.get(value_key, ()))
+        for event in events:
+            event.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            events = [e for group in self._waiting.values() for e in group]
+        for event in events:
+            event.set()
+
+    def _heard(self, message: dict[str, Any] | None) -> None:
+        """Wake the waiters of the key a pub/sub ``message`` names."""
+        if message is None or message.get("type") != "message":
+            return
+        key = message["data"]
+        self._wake(key.decode() if isinstance(key, bytes) else str(key))
+
+
+def pause_after_failure(previous: float, was_subscribed: bool) -> float:
+    """The pause before subscribing again after a failure: 50 ms, doubled
+    for each failure in a row up to ``MAX_BACKOFF_S``; a subscription that
+    had worked (or no pause yet) starts again at 50 ms."""
+    if was_subscribed or not previous:
+        return RESUBSCRIBE_S
+    return min(previous * 2, MAX_BACKOFF_S)
+
+
+def warn_denied(channel: str, connect: Callable[[], Redis]) -> None:
+    """The ACL refuses ``channel``: say how to fix it, once a minute."""
+    if not NOPERM_LOG.due(channel):
+        logger.debug("django_apee: subscription to %r refused (NOPERM)", channel)
+        return
+    try:
+        user = acl_user(connect())
+    except Exception:
+        user = None
+    logger.warning(
+        "django_apee: the Redis user may not SUBSCRIBE to %r (NOPERM): "
+        "waiters are not woken when a computation ends and wait to its "
+        "lease's end instead (slower, never wrong). Grant the channel: %s",
+        channel,
+        acl_rule(channel, user),
+    )
+
+
+class WakeHub(Waiters[threading.Event]):
+    """Wake-ups on one channel, over one pub/sub connection per process.
+
+    Threads block on their ``threading.Event``. When the subscription is
+    down, waits simply run to their timeout, which the caller sets to the
+    lease's remaining life.
+    """
+
+    def __init__(self, connect: Callable[[], Redis], channel: str) -> None:
+        super().__init__(threading.Event, channel)
+        self._connect = connect
         self.subscribed = threading.Event()
         #: Set by ``reconnect``: the subscription moves to wherever the
         #: connection points now (a new Sentinel primary).
@@ -124,20 +211,8 @@ class WakeHub:
             self._run, "django-apee-wake", on_start=self.subscribed.clear
         )
 
-    def expect(self, value_key: str) -> threading.Event:
-        event = threading.Event()
-        with self._lock:
-            self._worker.ensure()
-            self._waiting.setdefault(value_key, set()).add(event)
-        return event
-
-    def done(self, value_key: str, event: threading.Event) -> None:
-        with self._lock:
-            events = self._waiting.get(value_key)
-            if events is not None:
-                events.discard(event)
-                if not events:
-                    del self._waiting[value_key]
+    def _listening(self) -> None:
+        self._worker.ensure()
 
     def reconnect(self) -> None:
         """Subscribe again on a fresh connection (the primary moved).
@@ -148,48 +223,23 @@ class WakeHub:
         """
         self._moved.set()
 
-    def waiting(self) -> int:
-        with self._lock:
-            return sum(len(events) for events in self._waiting.values())
-
     def _run(self) -> None:
-        backoff = 0.05
+        pause = 0.0
         while True:
             try:
                 self._listen()
             except NoPermissionError:
-                self._denied()
+                warn_denied(self.channel, self._connect)
             except Exception:
                 logger.debug("django_apee: wake-up subscription lost", exc_info=True)
-            if self.subscribed.is_set():
-                backoff = 0.05  # it worked until now: a fresh failure, not a streak
+            pause = pause_after_failure(pause, self.subscribed.is_set())
             self.subscribed.clear()
             self._wake_all()  # they look again rather than sleep to their timeout
             if self._moved.is_set():
                 self._moved.clear()
+                pause = 0.0
                 continue  # a move, not a failure: at once
-            time.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
-
-    def _denied(self) -> None:
-        """The ACL refuses this channel: say how to fix it, once a minute."""
-        if not NOPERM_LOG.due(self.channel):
-            logger.debug(
-                "django_apee: wake-up subscription to %r refused (NOPERM)",
-                self.channel,
-            )
-            return
-        try:
-            user = acl_user(self._connect())
-        except Exception:
-            user = None
-        logger.warning(
-            "django_apee: the Redis user may not SUBSCRIBE to %r (NOPERM): "
-            "waiters are not woken when a computation ends and wait to its "
-            "lease's end instead (slower, never wrong). Grant the channel: %s",
-            self.channel,
-            acl_rule(self.channel, user),
-        )
+            time.sleep(pause)
 
     def _listen(self) -> None:
         pubsub = self._connect().pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
@@ -203,21 +253,6 @@ class WakeHub:
                     # never reached us: whoever registered meanwhile looks
                     # again instead of sleeping to the lease's end.
                     self._wake_all()
-                if message is None or message.get("type") != "message":
-                    continue
-                key = message["data"]
-                self._wake(key.decode() if isinstance(key, bytes) else str(key))
+                self._heard(message)
         finally:
             pubsub.close()
-
-    def _wake(self, value_key: str) -> None:
-        with self._lock:
-            events = list(self._waiting.get(value_key, ()))
-        for event in events:
-            event.set()
-
-    def _wake_all(self) -> None:
-        with self._lock:
-            events = [e for group in self._waiting.values() for e in group]
-        for event in events:
-            event.set()

@@ -1,0 +1,216 @@
+"""ApeeCache's async methods, on ``redis.asyncio`` (``engine/aio``).
+
+Django's ``BaseCache`` gives every backend ``aget`` and friends as
+``sync_to_async`` of the sync method: a thread hand-off per call, and a
+coroutine that waits for another's computation holds a thread for the whole
+wait. Here the reads and the stampede-safe path run on the event loop:
+the same envelope, scripts, keys, leases, wake-up channel and metrics as
+the sync methods (what one writes the other reads), with waits on the
+loop's wake-up subscription and the coroutines of a loop coalesced.
+
+What still runs the sync method in a worker thread (``thread_sensitive=False``:
+off the one thread ``sync_to_async`` shares, so a wait stalls no ORM call):
+everything when the client has no ``redis.asyncio`` twin (Redis Cluster) or
+the near cache is on (its hits are in process memory already), and the
+write methods (``aset``, ``aadd``, ``adelete``...) for now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from asgiref.sync import sync_to_async
+from django.core.cache.backends.base import DEFAULT_TIMEOUT
+
+from django_apee.core import MISSING
+from django_apee.core.keys import LEASE, companion
+from django_apee.engine.aio import herd as aherd
+from django_apee.engine.herd import Row
+from django_apee.observe import metrics, trace
+from django_apee.store.aio import scripts as ascripts
+from django_apee.store.errors import REDIS_ERRORS
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from django_apee.engine.aio.stampede import AsyncCoordinator
+    from django_apee.engine.stampede import Call
+
+#: The most keys one ``lua/get.lua`` call reads (as the sync read path).
+GET_CHUNK = 512
+
+
+def _constant(value: Any) -> Callable[[], Any]:
+    """An ``async def`` compute returning ``value``: no thread for a value."""
+
+    async def constant() -> Any:
+        return value
+
+    return constant
+
+
+class AsyncCacheMixin:
+    """The ``a*`` methods of :class:`~django_apee.cache.ApeeCache`."""
+
+    if TYPE_CHECKING:  # supplied by ApeeCache and django-redis's RedisCache
+
+        @property
+        def client(self) -> Any: ...
+        @property
+        def runtime(self) -> Any: ...
+        @property
+        def alias(self) -> str: ...
+
+        options: Any
+        _ignore_exceptions: bool
+        _log_ignored_exceptions: bool
+        logger: Any
+
+        get: Callable[..., Any]
+        get_many: Callable[..., Any]
+        get_or_set_stampede_safe: Callable[..., Any]
+        stampede_call: Callable[..., tuple[Callable[[], Any], Call | None]]
+
+    def _native(self) -> AsyncCoordinator | None:
+        """The async engine, or None: run the sync method in a thread."""
+        if self.options.near_cache is not None:
+            return None
+        engine: AsyncCoordinator | None = self.runtime.acoordinator
+        return engine
+
+    def _omitted(self, error: Exception, value: Any) -> Any:
+        """A Redis error: ``value`` under IGNORE_EXCEPTIONS (as django-redis's
+        ``omit_exception`` does for the sync methods), else raised."""
+        if not self._ignore_exceptions:
+            raise error
+        if self._log_ignored_exceptions:
+            self.logger.exception("Exception ignored")
+        return value
+
+    # -- reads -------------------------------------------------------------------
+
+    async def aget(
+        self, key: Any, default: Any = None, version: int | None = None
+    ) -> Any:
+        """Django's ``aget``: ``get`` on the loop (herd mode included)."""
+        engine = self._native()
+        if engine is None:
+            return await sync_to_async(self.get, thread_sensitive=False)(
+                key, default, version
+            )
+        made = self.client.make_key(key, version=version)
+        found = await self._aread(engine, {made: key})
+        return found.get(key, default)
+
+    async def aget_many(self, keys: Any, version: int | None = None) -> Any:
+        """Django's ``aget_many``: ``get_many`` on the loop."""
+        engine = self._native()
+        if engine is None:
+            return await sync_to_async(self.get_many, thread_sensitive=False)(
+                keys, version
+            )
+        by_made_key = {self.client.make_key(key, version=version): key for key in keys}
+        if not by_made_key:
+            return {}
+        return await self._aread(engine, by_made_key)
+
+    async def _aread(
+        self, engine: AsyncCoordinator, by_made_key: dict[Any, Any]
+    ) -> dict[Any, Any]:
+        """Read ``by_made_key`` with ``lua/get.lua`` and let herd mode decide."""
+        io = engine.loops.get()
+        made_keys = list(by_made_key)
+        try:
+            if len(made_keys) == 1:  # shared with this loop's reads of it
+                key = ("get", made_keys[0])
+                flat = await io.read(key, lambda: _read_rows(io.client, made_keys))
+            else:
+                flat = await _read_rows(io.client, made_keys)
+        except REDIS_ERRORS as error:
+            found: dict[Any, Any] = self._omitted(error, {})
+            return found
+        rows = [
+            Row(made, by_made_key[made], flat[3 * i], int(flat[3 * i + 1]),
+                int(flat[3 * i + 2]))
+            for i, made in enumerate(made_keys)
+        ]  # fmt: skip
+        found = await aherd.read(self.runtime.herd, io, rows)
+        metrics.count_gets(self.alias, len(found), len(by_made_key) - len(found))
+        return found
+
+    # -- stampede-safe computation ---------------------------------------------
+
+    async def aget_or_set_stampede_safe(
+        self,
+        key: Any,
+        default: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        soft_timeout: float | None = None,
+        stale_if_error: float | None = None,
+        version: int | None = None,
+    ) -> Any:
+        """The async twin of ``get_or_set_stampede_safe``.
+
+        ``default`` may be an ``async def`` function (awaited on the loop),
+        a plain callable (run in a worker thread, once per computation, not
+        once per waiting coroutine) or a value.
+        """
+        engine = self._native()
+        if engine is None:
+            return await sync_to_async(
+                self.get_or_set_stampede_safe, thread_sensitive=False
+            )(
+                key,
+                default,
+                timeout,
+                soft_timeout=soft_timeout,
+                stale_if_error=stale_if_error,
+                version=version,
+            )
+        compute, call = self.stampede_call(
+            key, default, timeout, soft_timeout, stale_if_error, version,
+            constant=_constant,
+        )  # fmt: skip
+        if call is None:  # stores nothing: a value already cached, else computed
+            try:
+                found = await self.aget(key, MISSING, version)
+            except REDIS_ERRORS:
+                found = MISSING
+            return await engine.run(compute) if found is MISSING else found
+        if trace.enabled():  # a debugging tool records this request's calls
+            with trace.call(self.alias, str(call.made)):
+                return await engine.get_or_set(call)
+        return await engine.get_or_set(call)
+
+    async def aget_or_set(
+        self,
+        key: Any,
+        default: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> Any:
+        """Django's ``aget_or_set``, on the stampede-safe path on every Django.
+
+        Django 5.2 builds it from ``aget`` and ``aadd``, which would bypass
+        the lease entirely.
+        """
+        return await self.aget_or_set_stampede_safe(
+            key, default, timeout, version=version
+        )
+
+
+async def _read_rows(client: aioredis.Redis, made_keys: list[Any]) -> list[Any]:
+    """``lua/get.lua``'s flat answer, ``GET_CHUNK`` keys per script call."""
+    calls: list[tuple[list[Any], list[Any]]] = [
+        (chunk + [companion(made, LEASE) for made in chunk], [])
+        for chunk in (
+            made_keys[start : start + GET_CHUNK]
+            for start in range(0, len(made_keys), GET_CHUNK)
+        )
+    ]
+    if len(calls) == 1:  # the hit path: EVALSHA alone, no pipeline
+        return list(await ascripts.run(client, "get", *calls[0]))
+    parts = await ascripts.run_many(client, "get", calls)
+    return [one for part in parts for one in part]

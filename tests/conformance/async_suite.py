@@ -1,0 +1,50 @@
+"""Django's ``BaseCacheTests`` again, every read through ApeeCache's ``a*``
+methods on real event loops.
+
+Django's own async cache tests only cover DummyCache (``tests_async.py``),
+so the contract the sync methods are held to is applied to the async ones:
+the backend below answers ``get``, ``get_many``, ``get_or_set`` and
+``get_or_set_stampede_safe`` by running ``aget``, ``aget_many``... on a
+fresh event loop each call (``async_to_sync``), so a value one writes is
+read by the other, and every call also exercises the per-loop connections:
+opened on the loop, closed when it ends. Collected like ``suite.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from cache.tests import BaseCacheTests, caches_setting_for_tests  # type: ignore[import-not-found]
+from django.test import TestCase, override_settings
+
+from django_apee.cache import ApeeCache
+from tests.conformance.suite import APEE
+
+
+class AsyncRoutedCache(ApeeCache):
+    """ApeeCache whose reads are its native async methods."""
+
+    def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        assert self._native() is not None, "the async engine must be on"
+        return async_to_sync(self.aget)(key, default, version)
+
+    def get_many(self, keys: Any, version: int | None = None) -> Any:
+        return async_to_sync(self.aget_many)(keys, version)
+
+    def get_or_set_stampede_safe(
+        self, key: Any, default: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        return async_to_sync(self.aget_or_set_stampede_safe)(
+            key, default, *args, **kwargs
+        )
+
+
+ROUTED = {**APEE, "BACKEND": f"{__name__}.AsyncRoutedCache"}
+
+
+@override_settings(
+    CACHES=caches_setting_for_tests(base=ROUTED, exclude={"cull", "zero_cull"})
+)
+class ApeeAsyncConformanceTests(BaseCacheTests, TestCase):  # type: ignore[misc]
+    """Every test Django applies to its cache backends, read asynchronously."""

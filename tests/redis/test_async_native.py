@@ -1,0 +1,313 @@
+"""The async methods on ``redis.asyncio``: no thread per waiting coroutine.
+
+Real Redis, real event loops (``asyncio.run``). What is asserted is counts
+(computes, threads, connections, loops) and values, never durations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from django_apee.cache import ApeeCache
+from django_apee.core.envelope import Meta
+from django_apee.store import lease
+
+COROUTINES = 2000
+COMPUTE_S = 0.3
+
+
+class Counted:
+    """A compute that counts its runs (from any thread or the loop)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def sync(self) -> Any:
+        with self._lock:
+            self.calls += 1
+        time.sleep(COMPUTE_S)
+        return self.value
+
+    async def coroutine(self) -> Any:
+        self.calls += 1
+        await asyncio.sleep(COMPUTE_S)
+        return self.value
+
+
+async def with_thread_peak(work: Any) -> tuple[Any, int]:
+    """Await ``work`` while sampling the process's thread count; return its
+    result and how many threads it added at most."""
+    baseline = threading.active_count()
+    peak = baseline
+    done = False
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done:
+            peak = max(peak, threading.active_count())
+            await asyncio.sleep(0.005)
+
+    sampler = asyncio.ensure_future(sample())
+    try:
+        result = await asyncio.wait_for(work, timeout=60)
+    finally:
+        done = True
+        await sampler
+    return result, peak - baseline
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_two_thousand_coroutines_on_a_cold_key(make_cache, kind):
+    """One compute, every coroutine gets its value, at most 4 more threads."""
+    _, cache = make_cache()
+    compute = Counted({"answer": 42})
+    default = compute.sync if kind == "sync" else compute.coroutine
+    cache.get("warm-up")  # the sync side's own threads are not the waiters'
+
+    async def main() -> tuple[list[Any], int]:
+        calls = [
+            cache.aget_or_set_stampede_safe("cold", default, 60)
+            for _ in range(COROUTINES)
+        ]
+        return await with_thread_peak(asyncio.gather(*calls))
+
+    results, added = asyncio.run(main())
+
+    assert results == [{"answer": 42}] * COROUTINES
+    assert compute.calls == 1
+    assert added <= 4
+
+
+def test_coroutines_wait_for_another_process_without_threads(make_cache, raw_redis):
+    """A lease held elsewhere: 2,000 coroutines wait on the loop's wake-up."""
+    _, cache = make_cache()
+    made = cache.client.make_key("elsewhere")
+    held = lease.acquire(
+        cache.client.get_client(write=True),
+        made,
+        20_000,
+        channel=cache.runtime.hub.channel,
+    ).lease
+    assert held is not None
+    local = Counted("computed here")
+
+    async def main() -> tuple[list[Any], int]:
+        async def waiters() -> list[Any]:
+            calls = [
+                cache.aget_or_set_stampede_safe("elsewhere", local.coroutine, 60)
+                for _ in range(COROUTINES)
+            ]
+            gathered = asyncio.gather(*calls)
+            hub = cache.runtime.acoordinator.loops.get().hub
+            while not hub.waiting():
+                await asyncio.sleep(0.005)
+            payload = cache.envelope.encode(
+                "from the holder", Meta(57_000, 60_000), key=str(made)
+            )
+            await asyncio.to_thread(lease.release, held, payload, 60_000)
+            return await gathered
+
+        return await with_thread_peak(waiters())
+
+    results, added = asyncio.run(main())
+
+    assert results == ["from the holder"] * COROUTINES
+    assert local.calls == 0
+    assert added <= 4  # the one to_thread above, and nothing per waiter
+
+
+def test_sync_and_async_read_each_others_values(make_cache):
+    _, cache = make_cache()
+    cache.set("written-sync", {"n": 1}, 60)
+
+    async def main() -> tuple[Any, Any, dict[str, Any]]:
+        read = await cache.aget("written-sync")
+        made = await cache.aget_or_set_stampede_safe("written-async", lambda: [2], 60)
+        many = await cache.aget_many(["written-sync", "written-async", "absent"])
+        return read, made, many
+
+    read, made, many = asyncio.run(main())
+
+    assert read == {"n": 1}
+    assert made == [2]
+    assert cache.get("written-async") == [2]
+    assert many == {"written-sync": {"n": 1}, "written-async": [2]}
+
+
+def test_herd_mode_one_coroutine_misses_a_stale_entry(make_cache, raw_redis):
+    """Past its soft timeout, a plain-set entry is a miss for one reader."""
+    _, cache = make_cache()
+    cache.set("page", "old", 10)
+    made = str(cache.client.make_key("page"))
+    raw = raw_redis.get(made)
+    meta = cache.envelope.decode(raw, key=made).meta
+    aged = Meta(hard_ms=meta.hard_ms, written_ms=meta.written_ms - 9_800)
+    raw_redis.set(made, cache.envelope.encode("old", aged, key=made), px=200)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*[cache.aget("page") for _ in range(50)])
+
+    results = asyncio.run(main())
+
+    assert results.count(None) == 1  # the winner, expected to set it
+    assert results.count("old") == 49
+    cache.set("page", "new", 10)  # the winner's fenced write frees the lease
+    assert raw_redis.exists(lease.keys.companion(made, lease.keys.LEASE)) == 0
+
+
+def connections(raw: redis.Redis) -> int:
+    return len(raw.client_list())
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_each_loop_gets_its_connections_and_closes_them_at_its_end(
+    make_cache, raw_redis
+):
+    _, cache = make_cache()
+    cache.set("k", "v", 60)
+    loops = cache.runtime.acoordinator.loops
+
+    async def main(cold: str) -> Any:
+        found = await cache.aget("k")
+        await cache.aget_or_set_stampede_safe(cold, lambda: 1, 60)
+        assert loops.loops() == 1
+        return found
+
+    # The first lease also opens the process's identity connection (sync,
+    # kept for the process's life): count from after it.
+    assert asyncio.run(main("cold-0")) == "v"
+    before = connections(raw_redis)
+    for n in range(1, 4):  # as a test suite or async_to_sync would: loop after loop
+        assert asyncio.run(main(f"cold-{n}")) == "v"
+        assert loops.loops() == 0
+        assert eventually(lambda: connections(raw_redis) <= before)
+
+
+def test_a_redis_error_computes_locally(make_cache):
+    """Redis away: the value is computed here; aget is a miss."""
+    _, cache = make_cache(location="redis://127.0.0.1:1/0")
+
+    async def main() -> tuple[Any, Any]:
+        got = await cache.aget("x", "default")
+        made = await cache.aget_or_set_stampede_safe("x", lambda: "local", 60)
+        return got, made
+
+    with pytest.raises(redis.ConnectionError):
+        asyncio.run(main())
+    _, ignoring = make_cache(location="redis://127.0.0.1:1/0", IGNORE_EXCEPTIONS=True)
+
+    async def ignored() -> tuple[Any, Any]:
+        got = await ignoring.aget("x", "default")
+        made = await ignoring.aget_or_set_stampede_safe("x", lambda: "local", 60)
+        return got, made
+
+    assert asyncio.run(ignored()) == ("default", "local")
+
+
+def test_cluster_and_near_cache_keep_the_thread_path(make_cache):
+    """No async twin for the near cache: the sync method runs in a thread."""
+    _, cache = make_cache(NEAR_CACHE=True)
+    cache.set("n", 1, 60)
+    assert cache._native() is None
+    assert asyncio.run(cache.aget("n")) == 1
+    assert isinstance(cache, ApeeCache)
+
+
+# -- an async view behind uvicorn -------------------------------------------------
+
+
+async def http_get(port: int, path: str) -> tuple[int, bytes]:
+    """One HTTP/1.0 GET (no chunked body) on a fresh connection: status, body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: test\r\n\r\n".encode())
+        await writer.drain()
+        response = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_uvicorn_serves_an_async_view_under_concurrent_load():
+    """200 concurrent requests to a cold key through a real ASGI server:
+    every one answered with the value of one computation."""
+    import json
+
+    import uvicorn
+    from django.core.asgi import get_asgi_application
+
+    from tests.support import views
+
+    views.REPORT_RUNS.clear()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            get_asgi_application(),
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            backlog=512,
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert eventually(lambda: server.started, 10)
+        port = server.servers[0].sockets[0].getsockname()[1]
+
+        async def load() -> list[tuple[int, bytes]]:
+            calls = [http_get(port, "/async/report/") for _ in range(200)]
+            return await asyncio.wait_for(asyncio.gather(*calls), 60)
+
+        responses = asyncio.run(load())
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+    assert [status for status, _ in responses] == [200] * 200
+    assert {json.loads(body)["run"] for _, body in responses} == {1}
+    assert views.REPORT_RUNS.count() == 1
+
+
+def test_async_decorator_and_module_function(make_cache):
+    """``@stampede_safe`` on ``async def``, and the module-level helper."""
+    from django_apee import aget_or_set_stampede_safe, stampede_safe
+
+    alias, cache = make_cache()
+    runs: list[int] = []
+
+    @stampede_safe(60, cache=alias)
+    async def square(n: int) -> int:
+        runs.append(n)
+        await asyncio.sleep(0.05)
+        return n * n
+
+    async def main() -> tuple[list[int], Any]:
+        squares = await asyncio.gather(*[square(7) for _ in range(100)])
+        helper = await aget_or_set_stampede_safe("h", lambda: "sync", 60, cache=alias)
+        return squares, helper
+
+    squares, helper = asyncio.run(main())
+
+    assert squares == [49] * 100
+    assert runs == [7]
+    assert cache.get(square.cache_key(7)) == 49  # the sync side reads it
+    assert helper == "sync"
