@@ -339,6 +339,9 @@ def test_apee_stats_reports_every_primary_and_sums_the_counter_shards(
     assert scanned["complete"]
     assert scanned["scanned"] == len(names)
     assert len(scanned["top"]) == 5
+    entry = run("--key", "stat-1")["entry"]
+    assert entry["state"] == "fresh"
+    assert entry["encoding"] == "envelope"
     checks = run("--check")["lint"]["checks"]
     assert {one["name"].split("@")[1] for one in checks} == {
         f"127.0.0.1:{port}" for port in cluster.primary_ports()
