@@ -28,6 +28,7 @@ from django_apee.observe import metrics, trace
 from django_apee.store import fleet
 from django_apee.store.aio.connect import async_client, mappable
 from django_apee.store.clock import RedisClock
+from django_apee.store.errors import REDIS_ERRORS
 from django_apee.store.failover import PrimaryWatch, sentinel_pool
 from django_apee.store.holder import Identity
 from django_apee.store.near import Near
@@ -107,7 +108,12 @@ class Runtime:
         #: Under Sentinel: follows the primary, and moves the wake-up
         #: subscription and the identity connection when it moves.
         self.watch: PrimaryWatch | None = None
-        pool = sentinel_pool(self.store.connection())
+        try:
+            pool = sentinel_pool(self.store.connection())
+        except REDIS_ERRORS:
+            # Only a cluster's client does I/O to be had (ClusterUnreachable);
+            # a cluster has no Sentinel to follow.
+            pool = None
         if pool is not None:
             self.watch = PrimaryWatch(pool, [self.hub.reconnect, self.identity.reset])
             self.watch.start()

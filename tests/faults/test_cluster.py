@@ -396,3 +396,20 @@ def test_wake_ups_go_by_sharded_pub_sub_in_the_entrys_slot(cluster, cluster_alia
     assert waited < 3.0, waited  # woken, not timed out to the 10 s lease
     assert spublish_on_owner() > spublishes
     assert counts("publish") == publishes
+
+
+def test_async_methods_run_on_a_cluster(on_cluster):
+    """redis.asyncio has no twin of ApeeClusterClient's RedisCluster here: the
+    async methods run the sync ones in a thread, with the same results."""
+    import asyncio
+
+    cache = on_cluster()
+    tag = uuid.uuid4().hex[:6]
+
+    async def calls() -> list[Any]:
+        first = await cache.aget_or_set_stampede_safe(f"a-{tag}", lambda: "v", 60)
+        again = await cache.aget_or_set_stampede_safe(f"a-{tag}", lambda: "w", 60)
+        await cache.aset(f"b-{tag}", 2, 60)
+        return [first, again, await cache.aget(f"b-{tag}"), await cache.aget("none")]
+
+    assert asyncio.run(calls()) == ["v", "v", 2, None]
