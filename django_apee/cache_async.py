@@ -17,16 +17,18 @@ write methods (``aset``, ``aadd``, ``adelete``...) for now.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 
+from django_apee import client_read
+from django_apee.client_read import GET_CHUNK
 from django_apee.core import MISSING
 from django_apee.core.keys import LEASE, companion
 from django_apee.engine.aio import herd as aherd
-from django_apee.engine.herd import Row
 from django_apee.observe import metrics, trace
 from django_apee.store.aio import scripts as ascripts
 from django_apee.store.errors import REDIS_ERRORS
@@ -36,9 +38,6 @@ if TYPE_CHECKING:
 
     from django_apee.engine.aio.stampede import AsyncCoordinator
     from django_apee.engine.stampede import Call
-
-#: The most keys one ``lua/get.lua`` call reads (as the sync read path).
-GET_CHUNK = 512
 
 
 def _constant(value: Any) -> Callable[[], Any]:
@@ -89,6 +88,10 @@ class AsyncCacheMixin:
         return value
 
     # -- reads -------------------------------------------------------------------
+    #
+    # The sync read path's (``client_read.py``): a plain GET (MGET), judged
+    # by the write time the envelope carries; what that cannot call fresh
+    # goes through ``lua/get.lua`` and herd mode.
 
     async def aget(
         self, key: Any, default: Any = None, version: int | None = None
@@ -99,8 +102,22 @@ class AsyncCacheMixin:
             return await sync_to_async(self.get, thread_sensitive=False)(
                 key, default, version
             )
-        made = self.client.make_key(key, version=version)
-        found = await self._aread(engine, {made: key})
+        client = self.client
+        made = client.make_key(key, version=version)
+        if client._lean_reads:
+            io = engine.loops.get()
+            try:
+                raw = await io.read(made, lambda: io.client.get(made))
+            except REDIS_ERRORS as error:
+                return self._omitted(error, default)
+            if raw is not None:
+                await self._clock_sampled()
+                value = client._lean_answer(made, raw)
+                if value is client_read._UNREADABLE:
+                    return default
+                if value is not client_read._FULL_PATH:
+                    return value
+        found = await self._afull(engine, {made: key}, {}, 0)
         return found.get(key, default)
 
     async def aget_many(self, keys: Any, version: int | None = None) -> Any:
@@ -110,15 +127,41 @@ class AsyncCacheMixin:
             return await sync_to_async(self.get_many, thread_sensitive=False)(
                 keys, version
             )
-        by_made_key = {self.client.make_key(key, version=version): key for key in keys}
+        client = self.client
+        by_made_key = {client.make_key(key, version=version): key for key in keys}
         if not by_made_key:
             return {}
-        return await self._aread(engine, by_made_key)
+        if not client._lean_reads:
+            return await self._afull(engine, by_made_key, {}, 0)
+        io = engine.loops.get()
+        try:
+            raws = await _read_values(io.client, list(by_made_key))
+        except REDIS_ERRORS as error:
+            found: dict[Any, Any] = self._omitted(error, {})
+            return found
+        await self._clock_sampled()
+        found, full, unreadable = client._sort_lean(by_made_key, raws)
+        if not full:
+            metrics.count_gets(self.alias, len(found), unreadable)
+            return found
+        served = await self._afull(engine, full, found, unreadable)
+        return client_read.merged(by_made_key, found, served)
 
-    async def _aread(
-        self, engine: AsyncCoordinator, by_made_key: dict[Any, Any]
+    async def _clock_sampled(self) -> None:
+        """Redis's clock is sampled (lean reads judge ages by it): the
+        process's first sample is a round trip, taken in a thread."""
+        clock = self.runtime.clock
+        if clock.sample is None:
+            await asyncio.to_thread(clock.latest_ms)
+
+    async def _afull(
+        self,
+        engine: AsyncCoordinator,
+        by_made_key: dict[Any, Any],
+        found: dict[Any, Any],
+        unreadable: int,
     ) -> dict[Any, Any]:
-        """Read ``by_made_key`` with ``lua/get.lua`` and let herd mode decide."""
+        """``_full_path`` on the loop: ``lua/get.lua``, then herd mode."""
         io = engine.loops.get()
         made_keys = list(by_made_key)
         try:
@@ -128,16 +171,12 @@ class AsyncCacheMixin:
             else:
                 flat = await _read_rows(io.client, made_keys)
         except REDIS_ERRORS as error:
-            found: dict[Any, Any] = self._omitted(error, {})
-            return found
-        rows = [
-            Row(made, by_made_key[made], flat[3 * i], int(flat[3 * i + 1]),
-                int(flat[3 * i + 2]))
-            for i, made in enumerate(made_keys)
-        ]  # fmt: skip
-        found = await aherd.read(self.runtime.herd, io, rows)
-        metrics.count_gets(self.alias, len(found), len(by_made_key) - len(found))
-        return found
+            failed: dict[Any, Any] = self._omitted(error, {})
+            return failed
+        rows = self.client._rows(by_made_key, flat)
+        served = await aherd.read(self.runtime.herd, io, rows)
+        self.client._count_full(by_made_key, found, served, unreadable)
+        return served
 
     # -- stampede-safe computation ---------------------------------------------
 
@@ -205,12 +244,25 @@ async def _read_rows(client: aioredis.Redis, made_keys: list[Any]) -> list[Any]:
     """``lua/get.lua``'s flat answer, ``GET_CHUNK`` keys per script call."""
     calls: list[tuple[list[Any], list[Any]]] = [
         (chunk + [companion(made, LEASE) for made in chunk], [])
-        for chunk in (
-            made_keys[start : start + GET_CHUNK]
-            for start in range(0, len(made_keys), GET_CHUNK)
-        )
+        for chunk in _chunks(made_keys)
     ]
-    if len(calls) == 1:  # the hit path: EVALSHA alone, no pipeline
+    if len(calls) == 1:  # EVALSHA alone, no pipeline
         return list(await ascripts.run(client, "get", *calls[0]))
     parts = await ascripts.run_many(client, "get", calls)
     return [one for part in parts for one in part]
+
+
+async def _read_values(client: aioredis.Redis, made_keys: list[Any]) -> list[Any]:
+    """The bytes under each key, in order: ``MGET``s of ``GET_CHUNK`` keys,
+    pipelined in one round trip."""
+    if len(made_keys) <= GET_CHUNK:
+        return list(await client.mget(made_keys))
+    pipeline = client.pipeline(transaction=False)
+    for chunk in _chunks(made_keys):
+        pipeline.mget(chunk)
+    return [raw for part in await pipeline.execute() for raw in part]
+
+
+def _chunks(made_keys: list[Any]) -> Iterator[list[Any]]:
+    for start in range(0, len(made_keys), GET_CHUNK):
+        yield made_keys[start : start + GET_CHUNK]

@@ -98,14 +98,22 @@ class ReadMixin:
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
         if raw is not None:
-            value = self._lean(made, raw)
+            value = self._lean_answer(made, raw)
             if value is _UNREADABLE:
-                metrics.count_gets(self._backend.alias, 0, 1)
                 return default
             if value is not _FULL_PATH:
-                metrics.count_gets(self._backend.alias, 1, 0)
                 return value
         return self._full_path(client, {made: key}, {}).get(key, default)
+
+    def _lean_answer(self, made: CacheKey, raw: bytes | str) -> Any:
+        """``_lean``'s answer for one key's read, counted when it is final
+        (a hit, or an unreadable value's miss); ``_FULL_PATH`` is not."""
+        value = self._lean(made, raw)
+        if value is _UNREADABLE:
+            metrics.count_gets(self._backend.alias, 0, 1)
+        elif value is not _FULL_PATH:
+            metrics.count_gets(self._backend.alias, 1, 0)
+        return value
 
     def get_many(
         self,
@@ -128,26 +136,38 @@ class ReadMixin:
             raws = self._read_values(client, made_keys)
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
-        found: dict[Any, Any] = {}
-        full: dict[CacheKey, Any] = {}
-        unreadable = 0
-        for made, raw in zip(made_keys, raws, strict=True):
-            value = _FULL_PATH if raw is None else self._lean(made, raw)
-            if value is _FULL_PATH:
-                full[made] = by_made_key[made]
-            elif value is _UNREADABLE:
-                unreadable += 1
-            else:
-                found[by_made_key[made]] = value
+        found, full, unreadable = self._sort_lean(by_made_key, raws)
         if not full:
             metrics.count_gets(self._backend.alias, len(found), unreadable)
             return found
         served = self._full_path(client, full, found, unreadable)
-        if not served:
-            return found
-        # In the order asked, as one read would have answered.
-        merged = found | served
-        return {key: merged[key] for key in by_made_key.values() if key in merged}
+        return merged(by_made_key, found, served)
+
+    def _sort_lean(
+        self, by_made_key: dict[CacheKey, Any], raws: list[Any]
+    ) -> tuple[dict[Any, Any], dict[CacheKey, Any], int]:
+        """Sort a lean read's ``raws`` (in ``by_made_key``'s order): the
+        fresh hits (key -> value), what takes the full path (made key ->
+        key), and how many were unreadable."""
+        found: dict[Any, Any] = {}
+        full: dict[CacheKey, Any] = {}
+        unreadable = 0
+        for (made, key), raw in zip(by_made_key.items(), raws, strict=True):
+            value = _FULL_PATH if raw is None else self._lean(made, raw)
+            if value is _FULL_PATH:
+                full[made] = key
+            elif value is _UNREADABLE:
+                unreadable += 1
+            else:
+                found[key] = value
+        return found, full, unreadable
+
+    def _rows(self, by_made_key: dict[CacheKey, Any], flat: list[Any]) -> list[Row]:
+        """``lua/get.lua``'s flat answer for ``by_made_key`` as rows."""
+        return [
+            Row(made, key, flat[3 * i], int(flat[3 * i + 1]), int(flat[3 * i + 2]))
+            for i, (made, key) in enumerate(by_made_key.items())
+        ]
 
     def _lean(self, made: CacheKey, raw: bytes | str) -> Any:
         """The value of a fresh entry, judged from its envelope alone;
@@ -207,18 +227,24 @@ class ReadMixin:
             flat = self._read_rows(client, made_keys)
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
-        rows = [
-            Row(made, by_made_key[made], flat[3 * i], int(flat[3 * i + 1]),
-                int(flat[3 * i + 2]))
-            for i, made in enumerate(made_keys)
-        ]  # fmt: skip
-        served = self._backend.runtime.herd.read(rows)
+        served = self._backend.runtime.herd.read(self._rows(by_made_key, flat))
+        self._count_full(by_made_key, found, served, unreadable)
+        return served
+
+    def _count_full(
+        self,
+        by_made_key: dict[CacheKey, Any],
+        found: dict[Any, Any],
+        served: dict[Any, Any],
+        unreadable: int,
+    ) -> None:
+        """Count a read whose ``by_made_key`` took the full path: ``found``
+        lean hits, ``served`` by herd mode, ``unreadable`` lean misses."""
         metrics.count_gets(
             self._backend.alias,
             len(found) + len(served),
             len(by_made_key) - len(served) + unreadable,
         )
-        return served
 
     @staticmethod
     def _read_rows(client: Redis, made_keys: list[CacheKey]) -> list[Any]:
@@ -234,3 +260,14 @@ class ReadMixin:
             return list(scripts.run(client, "get", keys=keys, args=args))
         runs = scripts.run_many(client, "get", calls)
         return [one for part in runs for one in part]
+
+
+def merged(
+    by_made_key: dict[CacheKey, Any], found: dict[Any, Any], served: dict[Any, Any]
+) -> dict[Any, Any]:
+    """A get_many's lean hits and full-path answers, in the order asked, as
+    one read would have answered."""
+    if not served:
+        return found
+    both = found | served
+    return {key: both[key] for key in by_made_key.values() if key in both}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -138,3 +139,29 @@ def test_an_unreadable_value_is_one_counted_miss(server, raw, cache):
     assert metric(cache.alias, "serialization_errors", reason="signature") == before + 1
     assert cache.get_or_set_stampede_safe("bad", lambda: "new", 60) == "new"
     assert cache.get("bad") == "new"
+
+
+def test_an_async_fresh_hit_is_one_get_too(server, cache):
+    """``aget``, ``aget_many`` and the async stampede path take the same
+    lean path as their sync twins (a loop's own connection; one loop)."""
+    import asyncio
+
+    cache.set("plain", {"a": 1}, 60)
+    cache.get_or_set_stampede_safe("safe", lambda: [1, 2], 60)
+
+    async def main() -> tuple[Any, ...]:
+        await cache.aget("warm")  # the loop's connection and its handshake
+        with monitored(server) as seen:
+            found = (
+                await cache.aget("plain"),
+                await cache.aget_many(["plain", "safe"]),
+                await cache.aget_or_set_stampede_safe("safe", never, 60),
+            )
+        return found, seen
+
+    (plain, many, safe), seen = asyncio.run(main())
+
+    assert plain == {"a": 1}
+    assert many == {"plain": {"a": 1}, "safe": [1, 2]}
+    assert safe == [1, 2]
+    assert client_commands(seen) == {"GET", "MGET"}

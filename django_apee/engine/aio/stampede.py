@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from django_apee.core import MISSING, policy
 from django_apee.core.singleflight import LeaderAborted, SingleFlightTimeout
 from django_apee.engine.aio import waiting as awaiting
-from django_apee.engine.stampede import Call, rewritten
+from django_apee.engine.stampede import _UNREADABLE, Call, rewritten
 from django_apee.engine.waiting import Landed, Won
 from django_apee.store import lease
 from django_apee.store.aio import lease as alease
@@ -67,10 +67,25 @@ class AsyncCoordinator:
         if not sync.breaker.allow():
             return await self._local(call, reason="circuit_open")
         io = self.loops.get()
+        made = call.made
         try:
-            raw, call.read_pttl = await io.read(
-                ("read", call.made), lambda: alease.read(io.client, call.made)
-            )
+            # The sync hit path's: a plain GET, fresh by the write time the
+            # entry carries; else its PTTL decides (``lua/read.lua``).
+            raw = await io.read(made, lambda: io.client.get(made))
+            if raw is not None:
+                if sync.clock is not None and sync.clock.sample is None:
+                    await asyncio.to_thread(sync.clock.latest_ms)  # first sample
+                value = sync._lean_hit(made, raw)
+                if value is _UNREADABLE:
+                    raw = None  # counted once; a miss, recomputed
+                elif value is not MISSING:
+                    sync.breaker.success()
+                    sync.events.hits.inc()
+                    return value
+                else:
+                    raw, call.read_pttl = await io.read(
+                        ("read", made), lambda: alease.read(io.client, made)
+                    )
         except REDIS_ERRORS:
             sync.waiting.redis_failed()
             return await self._local(call, reason="redis_error")
