@@ -33,7 +33,7 @@ from django_apee.store.failover import PrimaryWatch, sentinel_pool
 from django_apee.store.holder import Identity
 from django_apee.store.near import Near
 from django_apee.store.tracking import tracking_connection
-from django_apee.store.wake import WakeHub, wake_channel
+from django_apee.store.wake import CLOSE_WAIT_S, WakeHub, wake_channel
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -141,10 +141,22 @@ class Runtime:
         return self._async[0]
 
     def close(self) -> None:
-        """This configuration is dropped: stop the near cache's tracking now
-        (its thread would otherwise hear writes until it is collected)."""
+        """This configuration is dropped: end its threads and give back or
+        close their connections now. Left running, each dropped runtime kept
+        a pub/sub connection of the pool, the identity connection and the
+        near cache's tracking connection for good, until a pool with
+        ``max_connections`` refused more. Every join is bounded
+        (``CLOSE_WAIT_S``); a thread still running then ends on its own.
+        """
         if self.near is not None:
             self.near.close()
+        if self.watch is not None:
+            self.watch.close(CLOSE_WAIT_S)
+        self.hub.close(CLOSE_WAIT_S)
+        self.identity.reset()
+        self.coordinator.close()
+        if self.near is not None:
+            self.near.tracker.join(CLOSE_WAIT_S)
 
 
 def _loops(store: BackendStore, channel: str) -> PerLoop[LoopIO] | None:

@@ -35,11 +35,14 @@ class ProcessThread:
         self._on_start = on_start
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._closed = False
 
     def ensure(self) -> None:
         """Start the thread unless it runs in this process; callers hold a lock."""
         thread = self._thread
-        if thread is not None and thread.is_alive() and self._pid == os.getpid():
+        if self._closed or (
+            thread is not None and thread.is_alive() and self._pid == os.getpid()
+        ):
             return
         self._pid = os.getpid()
         if self._on_start is not None:
@@ -48,6 +51,20 @@ class ProcessThread:
             target=self._target, name=self._name, daemon=True
         )
         self._thread.start()
+
+    def close(self, timeout: float) -> bool:
+        """Start no thread any more, and wait up to ``timeout`` seconds for
+        the running one, whose target must have been told to return.
+
+        True if no thread of this process is left running.
+        """
+        self._closed = True
+        thread = self._thread
+        if thread is None or self._pid != os.getpid():
+            return True
+        if thread is not threading.current_thread():
+            thread.join(timeout)
+        return not thread.is_alive()
 
 
 class Registry(Generic[T]):

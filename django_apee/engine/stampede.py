@@ -158,6 +158,11 @@ class Coordinator:
         )
         self._pool_slots = threading.BoundedSemaphore(tuning.refresh_workers * 2)
 
+    def close(self) -> None:
+        """The configuration is dropped: idle refresh threads end; a
+        refresh still running finishes, and none is started any more."""
+        self._pool.shutdown(wait=False)
+
     # -- the call -------------------------------------------------------------
 
     def get_or_set(self, call: Call) -> Any:

@@ -288,10 +288,19 @@ class PrimaryWatch:
             _watch_loop(weakref.ref(self)), "django-apee-primary-watch"
         )
         self._lock = threading.Lock()
+        #: Set by ``close``: the thread returns at once.
+        self.closed = threading.Event()
 
     def start(self) -> None:
         with self._lock:
             self._thread.ensure()
+
+    def close(self, timeout: float) -> bool:
+        """End the thread (the alias's configuration is dropped), waiting
+        ``timeout`` seconds at most; True if it ended."""
+        self.closed.set()
+        with self._lock:
+            return self._thread.close(timeout)
 
     def poll(self) -> None:
         """Ask once; on a move, close idle connections and run the callbacks."""
@@ -325,12 +334,12 @@ def _watch_loop(ref: weakref.ref[PrimaryWatch]) -> Callable[[], None]:
     def run() -> None:
         while True:
             watch = ref()
-            if watch is None:
+            if watch is None or watch.closed.is_set():
                 return
             watch.poll()
-            interval = watch.interval_s
+            interval, closed = watch.interval_s, watch.closed
             del watch
-            time.sleep(interval)
+            closed.wait(interval)
 
     return run
 

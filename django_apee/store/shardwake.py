@@ -135,11 +135,13 @@ class ShardWakeHub(WakeHub):
 
     def _run(self) -> None:
         backoff = 0.05
-        while True:
+        while not self._closed.is_set():
             try:
                 self._listen()
             except Exception:
                 logger.debug("django_apee: shard wake-ups lost", exc_info=True)
+            if self._closed.is_set():
+                break
             if self.subscribed.is_set():
                 backoff = 0.05
             self.subscribed.clear()

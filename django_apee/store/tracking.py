@@ -149,6 +149,15 @@ class Tracker:
         self.stopped = True
         self.confirmed_at = 0.0
 
+    def join(self, timeout: float) -> bool:
+        """After ``stop``: wait up to ``timeout`` seconds for the thread to
+        close its connection and end. True if it has."""
+        thread = self._thread
+        if thread is None or self._pid != os.getpid():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
     def live(self, now: float) -> bool:
         """Whether invalidations are confirmed to arrive (see the module)."""
         return now - self.confirmed_at < self.liveness

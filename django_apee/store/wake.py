@@ -46,6 +46,8 @@ NOPERM_LOG_SECONDS = 60.0
 MAX_BACKOFF_S = 0.5
 #: How long the subscriber blocks reading before it checks ``reconnect``.
 POLL_S = 0.25
+#: How long ``close`` waits for the subscriber to end (a few polls).
+CLOSE_WAIT_S = 2.0
 
 #: The first pause before subscribing again after a failure, in seconds.
 RESUBSCRIBE_S = 0.05
@@ -207,6 +209,8 @@ class WakeHub(Waiters[threading.Event]):
         #: Set by ``reconnect``: the subscription moves to wherever the
         #: connection points now (a new Sentinel primary).
         self._moved = threading.Event()
+        #: Set by ``close``: the thread returns and is not started again.
+        self._closed = threading.Event()
         self._worker = ProcessThread(
             self._run, "django-apee-wake", on_start=self.subscribed.clear
         )
@@ -223,15 +227,29 @@ class WakeHub(Waiters[threading.Event]):
         """
         self._moved.set()
 
+    def close(self, timeout: float = CLOSE_WAIT_S) -> bool:
+        """The configuration is dropped: unsubscribe, give the pub/sub
+        connection back and end the thread (waiting ``timeout`` at most).
+
+        Waiters still registered are woken; later ones wait to their
+        timeout, as when the subscription is down. True if the thread ended.
+        """
+        self._closed.set()
+        self.reconnect()  # leaves the listening loop within POLL_S
+        self._wake_all()
+        return self._worker.close(timeout)
+
     def _run(self) -> None:
         pause = 0.0
-        while True:
+        while not self._closed.is_set():
             try:
                 self._listen()
             except NoPermissionError:
                 warn_denied(self.channel, self._connect)
             except Exception:
                 logger.debug("django_apee: wake-up subscription lost", exc_info=True)
+            if self._closed.is_set():
+                break
             pause = pause_after_failure(pause, self.subscribed.is_set())
             self.subscribed.clear()
             self._wake_all()  # they look again rather than sleep to their timeout

@@ -169,3 +169,61 @@ def test_the_engine_runs_on_a_bare_store_in_two_coordinators(redis_url):
     assert events.fallbacks == []
     assert client.get("engine:cold") is not None
     client.close()
+
+
+#: Threads a runtime starts for itself (the lease renewer and the fleet
+#: flusher are per process and stay).
+RUNTIME_THREADS = ("django-apee-wake", "django-apee-near", "django-apee-refresh")
+
+
+def _runtime_threads() -> int:
+    return sum(
+        thread.name.startswith(RUNTIME_THREADS) for thread in threading.enumerate()
+    )
+
+
+def _clients(raw: redis.Redis) -> int:
+    return len(raw.client_list())
+
+
+def _use_every_connection(cache: ApeeCache) -> None:
+    """Start what a busy runtime runs: the wake-up subscriber, the identity
+    connection, the near cache's tracking and a background refresh thread."""
+    runtime = cache.runtime
+    event = runtime.hub.expect("any")
+    runtime.hub.done("any", event)
+    assert runtime.hub.subscribed.wait(10)
+    assert runtime.identity.client_id() is not None
+    cache.set("k", "v")
+    assert cache.get("k") == "v"
+    near = runtime.near
+    assert near is not None
+    deadline = time.monotonic() + 10
+    while not near.tracker.live(time.monotonic()) and time.monotonic() < deadline:
+        cache.get("k")
+        time.sleep(0.01)
+    assert near.tracker.live(time.monotonic())
+    runtime.coordinator._pool.submit(lambda: None).result(10)
+
+
+def test_a_changed_caches_ends_the_dropped_runtimes_threads_and_connections(
+    make_cache, raw_redis
+):
+    _, cache = make_cache(NEAR_CACHE=True)
+    _use_every_connection(cache)
+    first = cache.runtime
+    # The next configuration drops the first: what it ran ends at once.
+    _, cache = make_cache(NEAR_CACHE=True, WAIT_TIMEOUT=2)
+    assert not first.hub._worker._thread.is_alive()
+    assert not first.near.tracker._thread.is_alive()
+    _use_every_connection(cache)
+    threads, clients = _runtime_threads(), _clients(raw_redis)
+    for round_ in range(3):
+        _, cache = make_cache(NEAR_CACHE=True, WAIT_TIMEOUT=3 + round_)
+        _use_every_connection(cache)
+    # Each runtime replaced the one before: nothing piled up, neither
+    # threads here nor connections on the server.
+    assert _runtime_threads() == threads
+    assert _clients(raw_redis) == clients
+    names = [client["name"] for client in raw_redis.client_list()]
+    assert names.count("django-apee-near") == 1
