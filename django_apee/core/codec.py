@@ -2,8 +2,11 @@
 
 msgpack is the language-neutral codec, and with the pickle fallback off it
 never executes code on read. Packing a value must either reproduce it exactly
-or fail, so that the envelope can send the whole value to signed pickle
-instead; this module is where "exactly" is enforced.
+or fail, so that the envelope can send the whole value to pickle instead;
+this module is where "exactly" is enforced. Either way the envelope
+authenticates the packed bytes with a MAC bound to the value's key
+(:mod:`django_apee.core.mac`, :mod:`django_apee.core.wire`): neither codec
+reads bytes whose MAC does not verify.
 
 Packed with ``use_bin_type=True, strict_types=True`` so that subclasses of
 ``dict``/``list``/``str``/``int`` (``OrderedDict``, ``IntEnum``, namedtuples,

@@ -66,7 +66,7 @@ class Command(BaseCommand):  # type: ignore[misc]
         parser.add_argument(
             "--show-value",
             action="store_true",
-            help="--key: also decode the value (this unpickles signed pickles)",
+            help="--key: also decode the value (unpickled if its MAC verifies)",
         )
         parser.add_argument(
             "--check", action="store_true", help="lint the Redis configuration"
