@@ -103,7 +103,7 @@ class NearClientMixin:
         found: dict[Any, Any] = {}
         rest: list[Any] = []
         for key in keys:
-            value = near.lookup(self.make_key(key, version=version))  # type: ignore[attr-defined]
+            value = near.lookup(self._made_key(key, version))
             if value is MISSING:
                 rest.append(key)
             else:
