@@ -128,7 +128,9 @@ class Near:
         else:
             try:
                 value = self.envelope.load(codec, payload)
-            except DecodeError:
+            except Exception:
+                # Verified, but not loadable here (a class gone since it was
+                # pickled, a cap): a miss, and the Redis read says why.
                 self.store.invalidate([made])
                 return MISSING
         if self.count_inline:

@@ -253,3 +253,28 @@ def test_a_write_through_another_alias_over_the_same_keys_is_read_at_once(
         warm(second, "k")
     second.clear()
     assert first.get("k") is None
+
+
+class Gone:
+    """A class that disappears after its instance was near-cached."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def test_a_payload_that_no_longer_loads_is_a_miss_not_an_error(
+    near_cache: ApeeCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    near_cache.set("k", Gone(1), 60)  # pickled (msgpack cannot carry it)
+    made = near_cache.client.make_key("k")
+
+    def held() -> bool:
+        near_cache.get("k")
+        return near_of(near_cache).store.get(made) is not None
+
+    assert eventually(held)
+    monkeypatch.delattr(sys.modules[__name__], "Gone")  # as a deploy might
+    # A miss each time (counted by the Redis read), never an exception.
+    assert [near_cache.get("k") for _ in range(3)] == [None, None, None]
