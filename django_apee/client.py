@@ -12,10 +12,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django.core.cache.backends.base import (
+    DEFAULT_TIMEOUT,
+    MEMCACHE_MAX_KEY_LENGTH,
+    BaseCache,
+)
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 from django_redis.client import DefaultClient
@@ -47,6 +52,10 @@ if TYPE_CHECKING:
     from django_apee.cache import ApeeCache
     from django_apee.engine.herd import Claim, Herd
 
+
+#: What Django's key warnings look for besides length: memcached refuses
+#: control characters, space and DEL (``memcache_key_warnings``).
+_MEMCACHED_BAD_CHARS = re.compile(r"[\x00-\x20\x7f]")
 
 #: The largest stored value LEGACY_READS tries to decode.
 LEGACY_MAX_BYTES = 8 * 1024 * 1024
@@ -156,11 +165,24 @@ class ApeeClientMixin(ReadMixin, RoutingMixin, InvalidateMixin, InPlaceMixin):
     def make_key(
         self, key: Any, version: int | None = None, prefix: str | None = None
     ) -> CacheKey:
-        """django-redis's key, plus Django's key warnings (memcached limits)."""
+        """django-redis's key, plus Django's key warnings (memcached limits).
+
+        Django's ``validate_key`` runs only for a key it would warn about (the
+        same two tests, done here without its generator), or when the
+        backend's ``validate_key`` is not Django's own: on every read, the
+        check that finds nothing was a tenth of django-apee's own cost.
+        """
         if isinstance(key, CacheKey):
             return key
         made: CacheKey = super().make_key(key, version=version, prefix=prefix)
-        self._backend.validate_key(made)
+        backend = self._backend
+        if (
+            len(made) > MEMCACHE_MAX_KEY_LENGTH
+            or _MEMCACHED_BAD_CHARS.search(made) is not None
+            or getattr(backend.validate_key, "__func__", None)
+            is not BaseCache.validate_key
+        ):
+            backend.validate_key(made)
         return made
 
     # -- Django's contract ------------------------------------------------------
@@ -304,15 +326,41 @@ class ApeeClientMixin(ReadMixin, RoutingMixin, InvalidateMixin, InPlaceMixin):
         """Set every pair in one round trip; return the keys that failed (none).
 
         Django's contract is a list of failed keys; Redis either takes the
-        whole pipeline or raises.
+        whole pipeline or raises. The ``lua/set.lua`` calls go pipelined
+        through ``scripts.run_many`` (EVALSHA at once; a redis-py pipeline
+        would first ask SCRIPT EXISTS in a round trip of its own). The keys
+        whose lease a reader of this process won (herd mode) get their
+        fenced write, as ``set`` gives them.
         """
+        if timeout is DEFAULT_TIMEOUT:
+            timeout = self._backend.default_timeout
         if client is None:
             client = self.get_client(write=True)
+        if timeout is not None and timeout <= 0:
+            with interrupted(client):
+                pipeline = client.pipeline(transaction=False)
+                for key, value in data.items():
+                    self.set(key, value, timeout, version=version, client=pipeline)
+                pipeline.execute()
+            return []
+        px = None if timeout is None else to_milliseconds(timeout)
+        runtime = self._backend.runtime
+        meta = Meta(hard_ms=px, written_ms=runtime.clock.earliest_ms()) if px else None
+        calls: list[tuple[list[str], list[Any]]] = []
+        won: list[tuple[CacheKey, Any, Claim]] = []
+        for key, value in data.items():
+            made = self.make_key(key, version=version)
+            if (claim := runtime.herd.claim(made)) is not None:
+                won.append((made, value, claim))
+                continue
+            encoded = self.encode(value, meta=meta, key=made)
+            args = [encoded, "" if px is None else px, "", self.wake_channel]
+            calls.append(([made, companion(made, LEASE)], args))
         with interrupted(client):
-            pipeline = client.pipeline(transaction=False)
-            for key, value in data.items():
-                self.set(key, value, timeout, version=version, client=pipeline)
-            pipeline.execute()
+            if calls:
+                scripts.run_many(client, "set", calls)
+            for made, value, claim in won:
+                self._herd_set(client, made, value, px, runtime.herd, claim)
         return []
 
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from django_apee.cache import ApeeCache
+    from django_apee.store.clock import RedisClock
 
 #: The most keys one ``lua/get.lua`` call or one ``MGET`` reads. Either
 #: holds Redis's one thread until it returns: a get_many of 50,000 keys in
@@ -62,6 +63,8 @@ class ReadMixin:
     _backend: ApeeCache
     #: False: every read takes the full path (a near cache's misses).
     _lean_reads = True
+    #: The alias's ``RedisClock``, remembered on first use.
+    _clock: RedisClock | None = None
 
     if TYPE_CHECKING:  # supplied by ApeeClientMixin and django-redis's client
 
@@ -182,7 +185,12 @@ class ReadMixin:
         until = policy.fresh_until_ms(meta, backend.options.policy)
         if until == policy.UNDECIDED:
             return _FULL_PATH
-        now = backend.runtime.clock.latest_ms()
+        clock = self._clock
+        if clock is None:
+            # Kept: the clock stays right after a fork or a settings change
+            # (it measures the same server; a new LOCATION is a new backend).
+            clock = self._clock = backend.runtime.clock
+        now = clock.latest_ms()
         if now is None or now >= until:
             return _FULL_PATH
         return value

@@ -310,7 +310,17 @@ class Envelope:
                 except ValueError:  # more digits than int() allows
                     raise DecodeError("corrupt", "raw integer is too long") from None
             raise DecodeError("foreign", "not a django-apee value (no magic)")
-        return _guarded(self._decode, data, bound)
+        # _guarded(self._open, ...) and load() written out: this is every
+        # hit's path, and each call layer costs a hit ~0.3 µs.
+        try:
+            codec, meta, payload = self._open(data, bound)
+            if codec == CODEC_PICKLE:
+                return Decoded(pickle.loads(payload), meta)
+            return Decoded(unpack(payload, self.max_decompressed_bytes), meta)
+        except DecodeError:
+            raise
+        except Exception as exc:
+            raise _corrupt(exc) from None
 
     def open(self, data: bytes, *, key: str) -> Opened:
         """Check and unwrap an envelope without turning its payload into a value.
@@ -334,10 +344,6 @@ class Envelope:
         if codec == CODEC_PICKLE:
             return pickle.loads(payload)
         return unpack(payload, self.max_decompressed_bytes)
-
-    def _decode(self, data: bytes, bound: bytes) -> Decoded:
-        codec, meta, payload = self._open(data, bound)
-        return Decoded(self.load(codec, payload), meta)
 
     def _open(self, data: bytes, bound: bytes) -> tuple[int, Meta | None, bytes]:
         """(codec, meta, the codec's bytes): verified, decompressed."""
@@ -412,9 +418,11 @@ def _guarded(step: Callable[[bytes, bytes], T], data: bytes, bound: bytes) -> T:
     except DecodeError:
         raise
     except Exception as exc:
-        raise DecodeError(
-            "corrupt", f"undecodable payload: {type(exc).__name__}: {exc}"
-        ) from None
+        raise _corrupt(exc) from None
+
+
+def _corrupt(exc: Exception) -> DecodeError:
+    return DecodeError("corrupt", f"undecodable payload: {type(exc).__name__}: {exc}")
 
 
 def _pack_meta(meta: Meta) -> bytes:

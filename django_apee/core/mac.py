@@ -58,6 +58,7 @@ digest would take.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 from collections.abc import Iterable, Sequence
@@ -100,6 +101,12 @@ def bind(key: str) -> bytes:
     """
     if not isinstance(key, str):
         raise TypeError(f"the Redis key must be a str, not {type(key).__name__}")
+    return _bind(str(key))
+
+
+@functools.lru_cache(maxsize=4096)
+def _bind(key: str) -> bytes:
+    """``bind``, remembered: a hot key is bound on every read of it."""
     raw = key.encode("utf-8", "surrogatepass")
     return len(raw).to_bytes(4, "big") + raw
 
@@ -126,10 +133,10 @@ class Macs:
 
     def verify(self, bound: bytes, head: bytes, payload: bytes, tag: bytes) -> bool:
         """Whether ``tag`` is the MAC under any key; constant time per key."""
-        return any(
-            hmac.compare_digest(_tag(pads, bound, head, payload), tag)
-            for pads in self._keys
-        )
+        for pads in self._keys:
+            if hmac.compare_digest(_tag(pads, bound, head, payload), tag):
+                return True
+        return False
 
 
 _Pads = tuple["hashlib._Hash", "hashlib._Hash"]

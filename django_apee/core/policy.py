@@ -246,7 +246,8 @@ def _effective_soft_ms(meta: Meta, policy: Policy) -> int:
     closest thing to what it says that keeps the hard promise.
     """
     if meta.soft_ms == 0:
-        soft = soft_timeout_ms(meta.hard_ms, None, policy)
+        hard = meta.hard_ms  # soft_timeout_ms's rule; callers checked the meta
+        soft = min(hard, max(1, math.floor(hard * policy.soft_ratio))) if hard else 0
         if meta.delta_ms:
             room = math.ceil(meta.delta_ms * policy.lease_factor)
             soft = min(soft, max(meta.hard_ms // 2, meta.hard_ms - room))

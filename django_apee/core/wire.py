@@ -139,6 +139,7 @@ Decoding raises :class:`DecodeError` and nothing else for any input;
 
 from __future__ import annotations
 
+import functools
 import pickle
 import re
 from typing import Any, NamedTuple, TypeGuard
@@ -363,7 +364,18 @@ def _version_error(version: int) -> DecodeError:
 
 
 def unpack_meta(raw: bytes) -> Meta:
-    """The metadata array; raises :class:`DecodeError` ``corrupt``."""
+    """The metadata array; raises :class:`DecodeError` ``corrupt``.
+
+    Remembered by its bytes (the same for every read of one entry: they
+    hold its write time), so an entry's metadata is unpacked and validated
+    once, not on every hit. Errors are not remembered; the memory is
+    bounded (at most 4096 arrays of at most 255 bytes).
+    """
+    return _unpack_meta(bytes(raw))
+
+
+@functools.lru_cache(maxsize=4096)
+def _unpack_meta(raw: bytes) -> Meta:
     if not raw:
         return Meta()
     try:

@@ -49,7 +49,8 @@ def cache(server: RedisServer) -> Iterator[ApeeCache]:
     }
     with override_settings(CACHES=config):
         backend = caches[alias]
-        backend.get("warm")  # the clock's first sample, the script loaded
+        backend.set("warm", "w", 60)  # the clock's first sample, set.lua loaded
+        backend.get("absent")  # get.lua loaded
         yield backend
 
 
@@ -165,3 +166,25 @@ def test_an_async_fresh_hit_is_one_get_too(server, cache):
     assert many == {"plain": {"a": 1}, "safe": [1, 2]}
     assert safe == [1, 2]
     assert client_commands(seen) == {"GET", "MGET"}
+
+
+def test_set_many_is_one_pipelined_round_of_evalsha(server, raw, cache):
+    data = {f"k{i}": {"i": i} for i in range(5)}
+    with monitored(server) as seen:
+        assert cache.set_many(data, 60) == []
+    # No SCRIPT EXISTS first, as a redis-py pipeline of Script calls sends.
+    assert client_commands(seen) == {"EVALSHA"}
+    assert len(script_runs(seen, "set")) == 5
+    assert cache.get_many(list(data)) == data
+    _, meta = stored(cache, raw, "k0")
+    assert meta.hard_ms == 60_000
+    assert meta.written_ms > 0
+
+
+def test_set_many_gives_a_herd_winner_its_fenced_write(raw, cache):
+    cache.set("page", "old", 100)
+    age_entry(cache, raw, "page", left_ms=2_000)
+    assert cache.get("page") is None  # this process won the lease
+    assert cache.set_many({"page": "new", "other": 1}, 100) == []
+    assert cache.get_many(["page", "other"]) == {"page": "new", "other": 1}
+    assert raw.keys("*apee:lease*") == []
