@@ -44,25 +44,40 @@ def interrupted(client: Any) -> Iterator[None]:
         raise ConnectionInterrupted(connection=client) from error
 
 
-class InPlaceMixin:
-    """incr/decr and incr_version on django-apee's stored values."""
+def revoke(client: Any, made: str, channel: str) -> Any:
+    """Delete a value and its lease in one step, waking its waiters
+    (``lua/delete.lua``); ``client`` may be a pipeline."""
+    return scripts.run(
+        client, "delete", keys=[made, companion(made, LEASE)], args=[channel]
+    )
+
+
+class ClientParts:
+    """What the client mixins use of ``ApeeClientMixin`` and django-redis's
+    client, for the type checker (empty at run time)."""
 
     _backend: ApeeCache
 
-    if TYPE_CHECKING:  # supplied by ApeeClientMixin and django-redis's client
+    if TYPE_CHECKING:
 
         def make_key(
             self, key: Any, version: int | None = None, prefix: str | None = None
         ) -> CacheKey: ...
 
-        def encode(self, value: Any, *, key: str = ...) -> bytes | int: ...
-
-        def decode(self, value: bytes | int | str, *, key: str = ...) -> Any: ...
-
         def get_client(self, write: bool = True) -> Redis: ...
 
         @property
         def wake_channel(self) -> str: ...
+
+
+class InPlaceMixin(ClientParts):
+    """incr/decr and incr_version on django-apee's stored values."""
+
+    if TYPE_CHECKING:  # supplied by ApeeClientMixin
+
+        def encode(self, value: Any, *, key: str = ...) -> bytes | int: ...
+
+        def decode(self, value: bytes | int | str, *, key: str = ...) -> Any: ...
 
     def incr_version(
         self,
@@ -109,9 +124,7 @@ class InPlaceMixin:
                 keys=[new, companion(new, LEASE)],
                 args=[raw, "" if px is None else px, "", channel],
             )
-            scripts.run(
-                pipeline, "delete", keys=[old, companion(old, LEASE)], args=[channel]
-            )
+            revoke(pipeline, old, channel)
             pipeline.execute()
         return version + delta
 

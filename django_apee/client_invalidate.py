@@ -27,9 +27,8 @@ import datetime
 from typing import TYPE_CHECKING, Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
-from django_redis.util import CacheKey
 
-from django_apee.client_inplace import interrupted
+from django_apee.client_inplace import ClientParts, interrupted, revoke
 from django_apee.core import to_milliseconds
 from django_apee.core.keys import LEASE, companion, companion_patterns, owner
 from django_apee.store import scripts
@@ -39,31 +38,19 @@ if TYPE_CHECKING:
 
     from redis import Redis
 
-    from django_apee.cache import ApeeCache
 
 #: How many keys one ``delete_pattern`` pipeline carries.
 PATTERN_BATCH = 512
 
 
-class InvalidateMixin:
+class InvalidateMixin(ClientParts):
     """delete*, touch, expire*, persist: each revokes the entry's lease."""
 
-    _backend: ApeeCache
-
-    if TYPE_CHECKING:  # supplied by ApeeClientMixin and django-redis's client
-
-        def make_key(
-            self, key: Any, version: int | None = None, prefix: str | None = None
-        ) -> CacheKey: ...
+    if TYPE_CHECKING:  # supplied by django-redis's client
 
         def make_pattern(
             self, pattern: str, version: int | None = None, prefix: str | None = None
         ) -> str: ...
-
-        def get_client(self, write: bool = True) -> Redis: ...
-
-        @property
-        def wake_channel(self) -> str: ...
 
     # -- value and lease go ----------------------------------------------------
 
@@ -79,7 +66,7 @@ class InvalidateMixin:
         if client is None:
             client = self.get_client(write=True)
         with interrupted(client):
-            return int(self._revoke(client, made, self.wake_channel))
+            return int(revoke(client, made, self.wake_channel))
 
     def delete_many(
         self,
@@ -142,20 +129,14 @@ class InvalidateMixin:
             if nx:
                 # add() with timeout 0: true when the key was absent; store nothing.
                 return not client.exists(made)
-            deleted = bool(self._revoke(client, made, self.wake_channel))
+            deleted = bool(revoke(client, made, self.wake_channel))
         return deleted if xx else True
 
     def _revoke_all(self, client: Redis, made: list[Any]) -> int:
         pipeline = client.pipeline(transaction=False)
         for one in made:
-            self._revoke(pipeline, one, self.wake_channel)
+            revoke(pipeline, one, self.wake_channel)
         return sum(int(n) for n in pipeline.execute())
-
-    @staticmethod
-    def _revoke(client: Any, made: str, channel: str) -> Any:
-        return scripts.run(
-            client, "delete", keys=[made, companion(made, LEASE)], args=[channel]
-        )
 
     # -- the timeout changes ----------------------------------------------------
 
@@ -171,11 +152,7 @@ class InvalidateMixin:
         0 or less deletes it, as ``set`` would; either way a computation in
         flight will not write over the change.
         """
-        if timeout is DEFAULT_TIMEOUT:
-            timeout = self._backend.default_timeout
-        if timeout is None:
-            return self.persist(key, version=version, client=client)
-        return self._retime(key, version, client, "PEXPIRE", _ms(timeout))
+        return self._expire_in(key, timeout, version, client)
 
     def expire(
         self,
@@ -185,12 +162,19 @@ class InvalidateMixin:
         client: Redis | None = None,
     ) -> bool:
         """django-redis's ``expire`` (seconds, or a timedelta); see ``touch``."""
+        if isinstance(timeout, datetime.timedelta):
+            timeout = timeout.total_seconds()
+        return self._expire_in(key, timeout, version, client)
+
+    def _expire_in(
+        self, key: Any, timeout: Any, version: int | None, client: Redis | None
+    ) -> bool:
+        """``touch`` and ``expire``: seconds from now, DEFAULT_TIMEOUT or
+        None (never expires)."""
         if timeout is DEFAULT_TIMEOUT:
             timeout = self._backend.default_timeout
         if timeout is None:
             return self.persist(key, version=version, client=client)
-        if isinstance(timeout, datetime.timedelta):
-            timeout = timeout.total_seconds()
         return self._retime(key, version, client, "PEXPIRE", _ms(timeout))
 
     def pexpire(
@@ -215,9 +199,9 @@ class InvalidateMixin:
         client: Redis | None = None,
     ) -> bool:
         """django-redis's ``expire_at``: Unix seconds or a datetime."""
-        if isinstance(when, datetime.datetime):
-            when = when.timestamp()
-        return self._retime(key, version, client, "PEXPIREAT", int(when * 1000))
+        if not isinstance(when, datetime.datetime):
+            when = when * 1000
+        return self.pexpire_at(key, when, version=version, client=client)
 
     def pexpire_at(
         self,
@@ -253,7 +237,7 @@ class InvalidateMixin:
             client = self.get_client(write=True)
         with interrupted(client):
             if command == "PEXPIRE" and ms <= 0:
-                return bool(self._revoke(client, made, self.wake_channel))
+                return bool(revoke(client, made, self.wake_channel))
             return bool(
                 scripts.run(
                     client,
