@@ -52,6 +52,25 @@ def redis_server() -> RedisServer:
     return server
 
 
+@pytest.fixture(scope="module")
+def own_server() -> Iterator[RedisServer]:
+    """A redis-server for one test module alone: MONITOR on it sees only the
+    module's commands (the session's server also gets other aliases' stats
+    flushes from a background thread)."""
+    started = RedisServer().start()
+    yield started
+    started.close()
+
+
+@pytest.fixture
+def own_raw(own_server: RedisServer) -> Iterator[redis.Redis]:
+    """A plain client of ``own_server``, which it empties first."""
+    client = redis.Redis(port=own_server.port, socket_timeout=10)
+    client.flushall()
+    yield client
+    client.close()
+
+
 @pytest.fixture
 def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, socket_timeout=5)

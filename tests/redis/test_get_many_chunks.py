@@ -11,50 +11,22 @@ stats flushes from a background thread).
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Iterator
 
 import pytest
-import redis
-from django.conf import settings
-from django.core.cache import caches
-from django.test import override_settings
 
 from django_apee.cache import ApeeCache
 from django_apee.client_read import GET_CHUNK
 from django_apee.core.keys import LEASE, companion
+from tests.conftest import Made
 from tests.redis.test_stampede import age_entry
 from tests.support.monitor import client_commands, monitored, script_runs
 from tests.support.redis_server import RedisServer
 
-_aliases = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    started = RedisServer().start()
-    yield started
-    started.close()
-
 
 @pytest.fixture
-def raw(server: RedisServer) -> Iterator[redis.Redis]:
-    client = redis.Redis(port=server.port, socket_timeout=10)
-    client.flushall()
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def cache(server: RedisServer) -> Iterator[ApeeCache]:
-    alias = f"chunks-{next(_aliases)}"
-    config = {
-        **settings.CACHES,
-        alias: {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": server.url},
-    }
-    with override_settings(CACHES=config):
-        yield caches[alias]
+def cache(own_server: RedisServer, make_cache: Made) -> ApeeCache:
+    return make_cache(location=own_server.url)[1]
 
 
 def test_get_chunk_is_small_enough_to_bound_a_script():
@@ -65,14 +37,14 @@ def mgets(seen) -> list[list[str]]:
     return [c["command"].split() for c in seen if c["command"].startswith("MGET ")]
 
 
-def test_a_large_get_many_runs_one_command_per_chunk(server, raw, cache):
+def test_a_large_get_many_runs_one_command_per_chunk(own_server, own_raw, cache):
     count = 5000
     keys = [f"k{i}" for i in range(count)]
     present = {key: i for i, key in enumerate(keys) if i % 3}
     cache.set_many(present, 60)
     cache.get("warm")  # the script is loaded: only the calls below remain
 
-    with monitored(server) as seen:
+    with monitored(own_server) as seen:
         found = cache.get_many(keys)
 
     assert found == present
@@ -88,13 +60,13 @@ def test_a_large_get_many_runs_one_command_per_chunk(server, raw, cache):
     assert client_commands(seen) == {"MGET", "EVALSHA"}
 
 
-def test_a_get_many_of_fresh_hits_is_one_mget(server, raw, cache):
+def test_a_get_many_of_fresh_hits_is_one_mget(own_server, own_raw, cache):
     cache.set_many({"a": 1, "b": 2}, 60)
     cache.get("warm")  # the clock's first sample
-    with monitored(server) as seen:
+    with monitored(own_server) as seen:
         assert cache.get_many(["a", "b"]) == {"a": 1, "b": 2}
     assert client_commands(seen) == {"MGET"}
-    with monitored(server) as seen:
+    with monitored(own_server) as seen:
         assert cache.get_many(["a", "b", "c"]) == {"a": 1, "b": 2}
     # Only the absent key takes the script, for its lease.
     (call,) = [call for call, _ in script_runs(seen, "get")]
@@ -102,10 +74,10 @@ def test_a_get_many_of_fresh_hits_is_one_mget(server, raw, cache):
     assert client_commands(seen) == {"MGET", "EVALSHA"}
 
 
-def test_chunked_get_many_survives_a_script_flush(server, raw, cache):
+def test_chunked_get_many_survives_a_script_flush(own_server, own_raw, cache):
     keys = [f"k{i}" for i in range(GET_CHUNK * 2 + 1)]
-    raw.script_flush()
-    with monitored(server) as seen:
+    own_raw.script_flush()
+    with monitored(own_server) as seen:
         assert cache.get_many(keys) == {}  # all absent: all through the script
     assert client_commands(seen) == {"MGET", "EVALSHA", "SCRIPT"}  # NOSCRIPT, LOAD
     assert len(script_runs(seen, "get")) == 2 * 3
@@ -113,13 +85,13 @@ def test_chunked_get_many_survives_a_script_flush(server, raw, cache):
     assert cache.get_many(keys) == dict.fromkeys(keys, "v")
 
 
-def test_chunked_get_many_keeps_herd_mode_per_key(server, raw, cache):
+def test_chunked_get_many_keeps_herd_mode_per_key(own_server, own_raw, cache):
     """A stale entry in the second chunk misses for one reader only, and its
     winner's set frees the lease, as with one script call."""
     keys = [f"k{i}" for i in range(GET_CHUNK + 100)]
     cache.set_many(dict.fromkeys(keys, "old"), 100)
     stale = keys[GET_CHUNK + 7]
-    age_entry(cache, raw, stale, left_ms=2000)  # past its soft timeout
+    age_entry(cache, own_raw, stale, left_ms=2000)  # past its soft timeout
 
     first = cache.get_many(keys)
     assert stale not in first  # this reader won the lease
@@ -127,4 +99,4 @@ def test_chunked_get_many_keeps_herd_mode_per_key(server, raw, cache):
     assert cache.get_many(keys) == dict.fromkeys(keys, "old")  # the others
     assert cache.set(stale, "new", 100) is True  # the fenced write
     assert cache.get_many(keys)[stale] == "new"
-    assert raw.keys("*apee:lease*") == []
+    assert own_raw.keys("*apee:lease*") == []

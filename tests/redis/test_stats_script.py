@@ -8,10 +8,8 @@ MONITOR on a private server (its only clients are this test's).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
 from django.conf import settings
 from django.core.cache import caches
@@ -19,16 +17,8 @@ from django.test import override_settings
 
 from django_apee.store import fleet
 from tests.support.monitor import monitored, script_runs, words
-from tests.support.redis_server import RedisServer
 
 LUA = Path(__file__).resolve().parents[2] / "django_apee" / "store" / "lua"
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    started = RedisServer().start()
-    yield started
-    started.close()
 
 
 def test_the_stats_script_builds_no_key_name():
@@ -41,13 +31,13 @@ def test_the_stats_script_builds_no_key_name():
     assert not any("TIME" in line for line in code)  # the caller reads it
 
 
-def test_the_fleet_flush_passes_both_keys_it_writes(server):
+def test_the_fleet_flush_passes_both_keys_it_writes(own_server):
     alias = "stats-script"
     config = {
         **settings.CACHES,
-        alias: {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": server.url},
+        alias: {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": own_server.url},
     }
-    raw = redis.Redis(port=server.port, socket_timeout=10)
+    raw = redis.Redis(port=own_server.port, socket_timeout=10)
     with override_settings(CACHES=config):
         cache = caches[alias]
         cache.get("a")
@@ -56,7 +46,7 @@ def test_the_fleet_flush_passes_both_keys_it_writes(server):
         assert cache.runtime.alias == alias  # its fleet sink is this server
         totals = fleet.stats_key(cache.key_prefix, alias)
 
-        with monitored(server) as seen:
+        with monitored(own_server) as seen:
             assert fleet.flush() >= 1
 
     # (On this fresh server the first EVALSHAs meet NOSCRIPT and run nothing.)
