@@ -34,17 +34,6 @@ pytestmark = pytest.mark.faults
 CLIENT = "django_apee.cluster.ApeeClusterClient"
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ClusterDeployment]:
-    deployment = ClusterDeployment()
-    try:
-        deployment.start()
-        print(f"cluster ready in {deployment.startup_seconds:.2f}s")
-        yield deployment
-    finally:
-        deployment.close()
-
-
 @pytest.fixture
 def cluster_alias(cluster) -> Iterator[Any]:
     """``cluster_alias(KEY_PREFIX=..., OPTIONS=...) -> alias``: a fresh CACHES

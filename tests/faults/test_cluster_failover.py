@@ -26,7 +26,6 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -42,16 +41,6 @@ LOAD_S = 16.0
 #: How long after a failover is stable errors of plain operations may still
 #: come (a pool's dead connections, a slot map refreshed by the next error).
 SETTLE_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ClusterDeployment]:
-    deployment = ClusterDeployment()
-    try:
-        deployment.start()
-        yield deployment
-    finally:
-        deployment.close()
 
 
 def hot_keys(cluster: ClusterDeployment, tag: str) -> dict[str, int]:

@@ -109,17 +109,6 @@ def test_sentinel_failover_after_the_primary_is_killed(sentinel_group, make_cach
 # -- Cluster -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ClusterDeployment]:
-    deployment = ClusterDeployment()
-    try:
-        deployment.start()
-        print(f"cluster ready in {deployment.startup_seconds:.2f}s")
-        yield deployment
-    finally:
-        deployment.close()
-
-
 def keys_on_every_primary(cluster: ClusterDeployment, prefix: str) -> dict[str, int]:
     """One key per primary: ``{key: owning primary port}``."""
     found: dict[str, int] = {}
