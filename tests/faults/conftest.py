@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from tests.support.children import Child
 from tests.support.deployments import ClusterDeployment
 
 
@@ -19,3 +24,21 @@ def cluster() -> Iterator[ClusterDeployment]:
         yield deployment
     finally:
         deployment.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Child]]:
+    """``spawn(**spec)``: a ``stampede_worker`` process; every one still
+    alive at the end is killed (a stopped one is continued first)."""
+    started: list[Child] = []
+
+    def start(**spec: Any) -> Child:
+        worker = Child("tests.support.stampede_worker", json.dumps(spec))
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.proc.poll() is None:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+        worker.kill()

@@ -13,7 +13,6 @@ failover timeline is printed (``-rP`` shows it).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -110,20 +109,6 @@ def test_herd_mode_under_sentinel_one_reader_gets_the_early_miss(group, make_cac
 
 
 # -- a failover under load ----------------------------------------------------------
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., Child]]:
-    started: list[Child] = []
-
-    def start(**spec: Any) -> Child:
-        worker = Child("tests.support.stampede_worker", json.dumps(spec))
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.kill()
 
 
 def run_under_load(

@@ -14,7 +14,6 @@ per alias and process.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 import threading
@@ -79,21 +78,6 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., Child]]:
-    """Start workers; every one still alive at the end is killed."""
-    started: list[Child] = []
-
-    def start(**spec: Any) -> Child:
-        worker = Child("tests.support.stampede_worker", json.dumps(spec))
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.kill()
 
 
 def calls_of(*outcomes: dict[str, Any]) -> list[dict[str, Any]]:

@@ -18,13 +18,12 @@ loaded 2-core machine.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -36,22 +35,6 @@ from tests.support.children import Child
 pytestmark = pytest.mark.faults
 
 WAITER_COMPUTE_S = 0.3
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., Child]]:
-    started: list[Child] = []
-
-    def start(**spec: Any) -> Child:
-        worker = Child("tests.support.stampede_worker", json.dumps(spec))
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.proc.poll() is None:
-            os.kill(worker.proc.pid, signal.SIGCONT)  # a stopped one must die too
-        worker.kill()
 
 
 def lease_key_of(key: str) -> str:
