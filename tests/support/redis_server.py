@@ -15,8 +15,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import TypeVar
 
 import redis
+
+S = TypeVar("S", bound="RedisServer")
 
 
 def free_port() -> int:
@@ -25,17 +28,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def redis_server_binary() -> str:
+    """redis-server from PATH, or a RuntimeError that says what to do."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError(
+            "redis-server is not installed (Debian: apt-get install redis-server), "
+            "or set REDIS_URL to a Redis you own."
+        )
+    return binary
+
+
 class RedisServer:
-    """One redis-server process we own."""
+    """One redis-server process we own.
+
+    ``start`` is ``launch`` (the process only) then ``wait_ready`` (a PING
+    every 20 ms, bounded): a deployment of several (``nodes.launch_all``)
+    launches them all before it waits for any.
+    """
 
     def __init__(
         self,
         port: int | None = None,
         extra_args: tuple[str, ...] = (),
+        binary: str | None = None,
         **client_kwargs: object,
     ) -> None:
         self.port = port or free_port()
         self.extra_args = extra_args
+        #: The executable; None: redis-server from PATH (``nodes.Node`` may
+        #: choose valkey-server).
+        self.binary = binary
         #: What a client needs to PING this server (TLS options, a password).
         self.client_kwargs = client_kwargs
         self.process: subprocess.Popen[bytes] | None = None
@@ -50,33 +73,36 @@ class RedisServer:
         assert self.process is not None
         return self.process.pid
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError(
-                "redis-server is not installed (Debian: apt-get install redis-server), "
-                "or set REDIS_URL to a Redis you own."
-            )
+    def command(self) -> list[str]:
+        """The server's command line: loopback only, persistence off."""
+        return [
+            self.binary or redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
+            "--logfile",
+            os.path.join(self.dir, "redis.log"),
+            *self.extra_args,
+        ]
+
+    def launch(self: S) -> S:
+        """Start the process without waiting for it to answer."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"the server on {self.port} is already running")
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-                "--logfile",
-                os.path.join(self.dir, "redis.log"),
-                *self.extra_args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+        return self
+
+    def start(self: S, timeout: float = 10.0) -> S:
+        self.launch()
         self.wait_ready(timeout)
         return self
 

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, redis_server_binary
 
 
 def self_signed_cert(directory: Path) -> tuple[str, str]:
@@ -109,10 +109,7 @@ class SentinelServer(RedisServer):
         self.primary_port = primary_port
         self.name = name
 
-    def start(self, timeout: float = 10.0) -> SentinelServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed")
+    def command(self) -> list[str]:
         conf = Path(self.dir) / "sentinel.conf"
         conf.write_text(
             f"port {self.port}\n"
@@ -122,10 +119,4 @@ class SentinelServer(RedisServer):
             f"sentinel monitor {self.name} 127.0.0.1 {self.primary_port} 1\n"
             f"sentinel down-after-milliseconds {self.name} 60000\n"
         )
-        self.process = subprocess.Popen(
-            [binary, str(conf), "--sentinel"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.wait_ready(timeout)
-        return self
+        return [redis_server_binary(), str(conf), "--sentinel"]
