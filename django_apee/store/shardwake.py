@@ -117,10 +117,6 @@ class ShardWakeHub(WakeHub):
                     self._users.pop(channel, None)
                     self._idle[channel] = time.monotonic()
 
-    def waiting(self) -> int:
-        with self._lock:
-            return sum(len(events) for events in self._waiting.values())
-
     def reconnect(self) -> None:
         """Subscribe everything again on a fresh ClusterPubSub."""
         self._requests.put(("reconnect", ""))
@@ -223,15 +219,3 @@ class ShardWakeHub(WakeHub):
         elif kind == "smessage":
             key = message["data"]
             self._wake(key.decode() if isinstance(key, bytes) else str(key))
-
-    def _wake(self, value_key: str) -> None:
-        with self._lock:
-            events = list(self._waiting.get(value_key, ()))
-        for event in events:
-            event.set()
-
-    def _wake_all(self) -> None:
-        with self._lock:
-            events = [e for group in self._waiting.values() for e in group]
-        for event in events:
-            event.set()
