@@ -222,7 +222,8 @@ def runtime_of(backend: ApeeCache) -> Runtime:
 
 
 def forget_all() -> None:
-    """CACHES changed: every runtime and metric switch goes.
+    """CACHES changed: every runtime and metric switch goes, and each
+    runtime's threads and connections with it (``Runtime.close``).
 
     Fleet sinks stay until the alias's next runtime replaces them: counts
     already made must still reach a Redis.

@@ -268,7 +268,8 @@ class PrimaryWatch:
     """Asks the sentinels where the primary is, and acts when it moves.
 
     One per alias and process, for a primary pool managed by Sentinel; its
-    thread holds it only weakly and ends when the alias's runtime is gone.
+    thread holds it only weakly and ends when the alias's runtime closes it
+    (``close``) or is gone.
     ``on_change`` callbacks run in the watch thread with the new address.
     """
 
