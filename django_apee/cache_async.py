@@ -107,7 +107,7 @@ class AsyncCacheMixin:
         if client._lean_reads:
             io = engine.loops.get()
             try:
-                raw = await io.read(made, lambda: io.client.get(made))
+                raw = await io.read(made, lambda: io.get(made))
             except REDIS_ERRORS as error:
                 return self._omitted(error, default)
             if raw is not None:

@@ -264,15 +264,32 @@ class _AsyncFlight(_Outcome[T]):
     """An asyncio flight: the outcome plus a future used purely as a signal.
 
     The future only ever gets ``None`` as its result, so no "exception was
-    never retrieved" warning fires when nobody followed a failed leader.
+    never retrieved" warning fires when nobody followed a failed leader. It
+    is made by the first follower: most flights have none (a cache hit's
+    read), and a future per call would cost as much as the rest together.
     """
 
-    __slots__ = ("done", "owner")
+    __slots__ = ("_done", "landed", "owner")
 
     def __init__(self) -> None:
         super().__init__()
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done: asyncio.Future[None] | None = None
+        self.landed = False
         self.owner = asyncio.current_task()
+
+    @property
+    def done(self) -> asyncio.Future[None]:
+        """The signal followers wait on (set when the flight lands)."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            if self.landed:
+                self._done.set_result(None)
+        return self._done
+
+    def land(self) -> None:
+        self.landed = True
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
 
 
 class AsyncSingleFlight(Generic[T]):
@@ -359,5 +376,4 @@ class AsyncSingleFlight(Generic[T]):
         """End ``mine``; see :meth:`SingleFlight._land` for the ordering."""
         if self._flights.get(key) is mine:
             del self._flights[key]
-        if not mine.done.done():
-            mine.done.set_result(None)
+        mine.land()

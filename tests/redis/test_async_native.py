@@ -311,3 +311,18 @@ def test_async_decorator_and_module_function(make_cache):
     assert runs == [7]
     assert cache.get(square.cache_key(7)) == 49  # the sync side reads it
     assert helper == "sync"
+
+
+def test_a_kept_connection_the_server_closed_is_replaced(make_cache, raw_redis):
+    """The hit path's kept connection dies (CLIENT KILL): the next aget is
+    served on a fresh one, as the pool would have done, without an error."""
+    _, cache = make_cache()
+    cache.set("k", "v", 60)
+
+    async def main() -> tuple[Any, Any]:
+        first = await cache.aget("k")
+        killed = raw_redis.client_kill_filter(_type="normal", skipme=True)
+        assert killed >= 1
+        return first, await cache.aget("k")
+
+    assert asyncio.run(main()) == ("v", "v")

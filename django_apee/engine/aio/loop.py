@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 from django_apee.core.singleflight import AsyncSingleFlight, LeaderAborted
 from django_apee.store.aio.loops import PerLoop
 from django_apee.store.aio.wake import AsyncWakeHub
@@ -18,6 +20,11 @@ from django_apee.store.aio.wake import AsyncWakeHub
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
     from redis import Redis
+
+
+#: Connections a loop keeps for plain GETs at most (more concurrent GETs
+#: borrow from the pool as usual).
+KEPT_CONNECTIONS = 8
 
 
 @dataclass
@@ -34,6 +41,9 @@ class LoopIO:
     #: holds tasks only weakly).
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
+    #: Connections kept out of the pool for plain GETs (see ``get``).
+    idle: list[Any] = field(default_factory=list)
+
     async def read(self, key: Any, read: Callable[[], Awaitable[Any]]) -> Any:
         """``read()``'s answer, shared with the coroutines reading ``key``
         now (the read began after each of them asked)."""
@@ -42,6 +52,38 @@ class LoopIO:
         except LeaderAborted:  # the coroutine reading for us was cancelled
             return await read()
 
+    async def get(self, made: str) -> Any:
+        """``GET made`` on a connection this loop keeps for plain GETs.
+
+        A hit is one round trip, and ``redis.asyncio``'s client wrapper (the
+        pool's lock, the retry wrapper) costs about as much again: the hit
+        path skips it while the retry policy has no retries to run. A kept
+        connection the server closed meanwhile is dropped and the GET sent
+        through the client, on a fresh one, as the pool would have done.
+        """
+        pool = self.client.connection_pool
+        retry = pool.connection_kwargs.get("retry")
+        if retry is not None and retry.get_retries():
+            return await self.client.get(made)
+        reused = bool(self.idle)
+        connection = (
+            self.idle.pop() if reused else await pool.get_connection()  # type: ignore[no-untyped-call]
+        )
+        try:
+            await connection.send_command("GET", made)
+            raw = await connection.read_response()
+        except BaseException as error:
+            await connection.disconnect()
+            await pool.release(connection)
+            if reused and isinstance(error, (RedisConnectionError, OSError)):
+                return await self.client.get(made)
+            raise
+        if len(self.idle) < KEPT_CONNECTIONS:
+            self.idle.append(connection)
+        else:
+            await pool.release(connection)
+        return raw
+
     def spawn(self, work: Any) -> None:
         """Run coroutine ``work`` in the background on this loop."""
         task = asyncio.get_running_loop().create_task(work)
@@ -49,6 +91,9 @@ class LoopIO:
         task.add_done_callback(self.tasks.discard)
 
     async def aclose(self) -> None:
+        idle, self.idle = self.idle, []
+        for connection in idle:
+            await self.client.connection_pool.release(connection)
         await self.hub.aclose()
         for task in list(self.tasks):
             task.cancel()

@@ -71,7 +71,7 @@ class AsyncCoordinator:
         try:
             # The sync hit path's: a plain GET, fresh by the write time the
             # entry carries; else its PTTL decides (``lua/read.lua``).
-            raw = await io.read(made, lambda: io.client.get(made))
+            raw = await io.read(made, lambda: io.get(made))
             if raw is not None:
                 if sync.clock is not None and sync.clock.sample is None:
                     await asyncio.to_thread(sync.clock.latest_ms)  # first sample
