@@ -19,42 +19,10 @@ import redis
 from django_apee.cache import ApeeCache
 from tests.conftest import Made
 from tests.support.children import Child
+from tests.support.near import BOUND, eventually, plant, warm
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.faults
-
-BOUND = 15.0
-
-
-def eventually(condition: Callable[[], bool], bound: float = BOUND) -> bool:
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.001)
-    return condition()
-
-
-def plant(raw: redis.Redis, cache: ApeeCache, key: str, value: object) -> None:
-    """Store ``value`` under ``key`` as another process's ApeeCache would."""
-    from django_apee.core.envelope import Meta
-
-    made = cache.client.make_key(key)
-    seconds, micros = raw.time()
-    meta = Meta(hard_ms=600_000, written_ms=seconds * 1000 + micros // 1000)
-    raw.set(made, cache.envelope.encode(value, meta, key=made), px=600_000)
-
-
-def warm(cache: ApeeCache, key: str) -> None:
-    near = cache.runtime.near
-    assert near is not None
-    made = cache.client.make_key(key)
-
-    def held() -> bool:
-        cache.get(key)
-        return near.store.get(made) is not None and near.tracker.live(time.monotonic())
-
-    assert eventually(held), near.figures()
 
 
 @pytest.fixture

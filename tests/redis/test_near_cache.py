@@ -7,7 +7,6 @@ be slow, never wrong); timings are in ``bench/nearcache.py``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import pytest
 import redis
@@ -15,18 +14,7 @@ import redis
 from django_apee.cache import ApeeCache
 from django_apee.core import MISSING
 from tests.conftest import Made
-
-#: The longest any test waits for something that should take milliseconds.
-BOUND = 10.0
-
-
-def eventually(condition: Callable[[], bool], bound: float = BOUND) -> bool:
-    deadline = time.monotonic() + bound
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.002)
-    return condition()
+from tests.support.near import eventually, plant, warm
 
 
 def near_of(cache: ApeeCache):  # type: ignore[no-untyped-def]
@@ -35,35 +23,11 @@ def near_of(cache: ApeeCache):  # type: ignore[no-untyped-def]
     return near
 
 
-def plant(raw: redis.Redis, cache: ApeeCache, key: str, value: object) -> None:
-    """Store ``value`` under ``key`` as another process's ApeeCache would
-    (an envelope with its write time in Redis's clock), behind this
-    process's back."""
-    from django_apee.core.envelope import Meta
-
-    made = cache.client.make_key(key)
-    seconds, micros = raw.time()
-    meta = Meta(hard_ms=600_000, written_ms=seconds * 1000 + micros // 1000)
-    raw.set(made, cache.envelope.encode(value, meta, key=made), px=600_000)
-
-
 def settled(near) -> None:  # type: ignore[no-untyped-def]
     """Until every invalidation of what was written so far was handled: a
     PING sent after now came back (they arrive in order before its PONG)."""
     now = time.monotonic()
     assert eventually(lambda: near.tracker.confirmed_at > now)
-
-
-def warm(cache: ApeeCache, key: str) -> None:
-    """Read ``key`` until it is served from process memory."""
-    near = near_of(cache)
-    made = cache.client.make_key(key)
-
-    def served() -> bool:
-        cache.get(key)
-        return near.store.get(made) is not None and near.tracker.live(time.monotonic())
-
-    assert eventually(served), near.figures()
 
 
 @pytest.fixture
