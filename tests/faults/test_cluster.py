@@ -402,3 +402,20 @@ def test_async_methods_run_on_a_cluster(on_cluster):
         return [first, again, await cache.aget(f"b-{tag}"), await cache.aget("none")]
 
     assert asyncio.run(calls()) == ["v", "v", 2, None]
+
+
+def test_a_dropped_cluster_runtime_ends_its_shard_subscriber(cluster, on_cluster):
+    """``Runtime.close`` (a changed CACHES) ends the sharded wake-up thread
+    and its ClusterPubSub, as it does the single-node hub's."""
+    cache = on_cluster()
+    hub = cache.runtime.hub
+    key = cache.make_key(f"wk-{uuid.uuid4().hex[:6]}")
+    hub.done(key, hub.expect(key))  # the subscriber runs, one channel subscribed
+    assert hub.subscribed.wait(10)
+    thread = hub._worker._thread
+    assert thread is not None
+    assert thread.is_alive()
+    assert hub.close(timeout=10) is True
+    assert not thread.is_alive()
+    hub.done(key, hub.expect(key))  # a late waiter starts nothing again
+    assert hub._worker._thread is thread
