@@ -432,9 +432,7 @@ def run_herd_workers(make_cache, raw, options, processes=2, threads=12, seconds=
     fill.
     """
     counter = f"herd-test-computes-{time.monotonic_ns()}"
-    # Children need time to start Django: on a loaded machine, 2 s was not
-    # always enough, and a child that starts after the end computes nothing.
-    start = time.time() + 4.0
+    ready, go = f"{counter}:ready", f"{counter}:go"
     # Values go stale 1 s after they are written and expire 1 s later: a
     # refresh has a second to land before readers see a hard miss (with the
     # default 0.95 ratio of a 1 s timeout it had 50 ms, and a loaded machine
@@ -442,10 +440,6 @@ def run_herd_workers(make_cache, raw, options, processes=2, threads=12, seconds=
     ratio = 0.5
     options = {"SOFT_TIMEOUT_RATIO": ratio, **options}
     _, cache = make_cache(**options)
-    # The first recompute is due 0.95 s into the run: at the soft timeout
-    # with herd mode, at the hard one without.
-    due = start - time.time() + 0.95
-    cache.set("hot", "generation 0", due / ratio if options.get("HERD", True) else due)
     job = {
         "options": options,
         "key": "hot",
@@ -453,8 +447,9 @@ def run_herd_workers(make_cache, raw, options, processes=2, threads=12, seconds=
         "compute": 0.02,
         "threads": threads,
         "counter": counter,
-        "start": start,
-        "end": start + seconds,
+        "ready": ready,
+        "go": go,
+        "seconds": seconds,
     }
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}
     children = [
@@ -468,6 +463,20 @@ def run_herd_workers(make_cache, raw, options, processes=2, threads=12, seconds=
         )
         for _ in range(processes)
     ]
+    # Every child is up (Django set up, its cache connected) before the run
+    # starts: on a loaded machine start-up took seconds, and a child that
+    # started after the end computed nothing.
+    deadline = time.monotonic() + 120
+    while int(raw.get(ready) or 0) < processes:
+        assert all(c.poll() is None for c in children), "a herd worker died"
+        assert time.monotonic() < deadline, "herd workers did not start in 120 s"
+        time.sleep(0.01)
+    start = time.time() + 0.5
+    # The first recompute is due 0.95 s into the run: at the soft timeout
+    # with herd mode, at the hard one without.
+    due = start - time.time() + 0.95
+    cache.set("hot", "generation 0", due / ratio if options.get("HERD", True) else due)
+    raw.set(go, repr(start))
     outcomes = []
     try:
         for child in children:

@@ -2,9 +2,13 @@
 
 Run as ``python -m tests.support.herd_worker`` with ``DJANGO_SETTINGS_MODULE`` set;
 it reads a JSON job from argv[1]: the cache OPTIONS, the key, timeout,
-compute seconds, thread count, and the wall-clock start and end shared by
-every process. Each compute INCRs a raw counter in Redis, so the parent
-counts computes fleet-wide. Prints one JSON line: reads, misses, errors.
+compute seconds, thread count, how long to run, and the names of two raw
+Redis keys for the start: each process INCRs ``ready`` once Django is up
+and its cache connected, then waits for the parent to write the wall-clock
+start under ``go``. So a process slow to start (a loaded machine) delays
+the run instead of missing it. Each compute INCRs a raw counter in Redis,
+so the parent counts computes fleet-wide. Prints one JSON line: reads,
+misses, errors.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ def main() -> None:
         "OPTIONS": job["options"],
     }
     counter = job["counter"]
+    raw = caches["herd"].client.get_client(write=True)
+    raw.incr(job["ready"])
+    waited_until = time.monotonic() + 120
+    while (go := raw.get(job["go"])) is None:
+        if time.monotonic() > waited_until:
+            sys.exit("no start signal from the parent within 120 s")
+        time.sleep(0.005)
+    start = float(go)
+    end = start + job["seconds"]
     lock = threading.Lock()
     totals = {"reads": 0, "misses": 0, "errors": 0}
 
@@ -36,9 +49,9 @@ def main() -> None:
         cache = caches["herd"]
         raw = cache.client.get_client(write=True)
         reads = misses = errors = 0
-        while time.time() < job["start"]:
+        while time.time() < start:
             time.sleep(0.001)
-        while time.time() < job["end"]:
+        while time.time() < end:
             try:
                 value = cache.get(job["key"])
                 reads += 1
@@ -59,7 +72,7 @@ def main() -> None:
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(job["end"] - time.time() + 30)
+        thread.join(end - time.time() + 30)
     print(json.dumps(totals), flush=True)
 
 
