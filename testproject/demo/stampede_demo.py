@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Run as a script (scripts/demo): its folder is on sys.path.
+import asgi_demo
 import redis
 
 TESTPROJECT = Path(__file__).resolve().parent.parent
@@ -369,6 +371,16 @@ def run_config(config: str, plan: Plan, counter: redis.Redis) -> tuple[Result, S
     return result, site
 
 
+def compare_asgi(plan: Plan, counter: redis.Redis) -> dict[str, Any]:
+    """The ASGI part (``asgi_demo.py``): an async view, the report cold."""
+    env = {"DEMO_REPORT_TIMEOUT": str(plan.timeout), "DEMO_REPORT_SOFT": str(plan.soft)}
+    clients = plan.clients * 4
+    return {
+        config: asgi_demo.run(config, clients, free_port(), env, counter, clear_keys)
+        for config in ("naive", "apee")
+    }
+
+
 def table(naive: Result, apee: Result, plan: Plan) -> str:
     def ms(value: float) -> str:
         return f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
@@ -469,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
                 site = None
         say()
         say(table(results["naive"], results["apee"], plan))
+        asgi = compare_asgi(plan, counter)
+        say()
+        say(asgi_demo.line(asgi["naive"], asgi["apee"]))
         if args.no_serve:
             assert site is not None
             site.stop()  # its workers flush their counters as they exit
@@ -492,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                             }
                             for name, r in results.items()
                         },
+                        "asgi": {name: asdict(r) for name, r in asgi.items()},
                     },
                     out,
                     indent=2,

@@ -8,6 +8,8 @@
   with ``{% apee_cache %}``; a visit counter in the session (sessions live
   in the cache).
 * ``about``: a whole page cached with ``cache_page``.
+* ``report_async``: the report from an ``async def`` view under ASGI
+  (``aget_or_set_stampede_safe``: the waiting requests hold no thread).
 """
 
 from __future__ import annotations
@@ -96,3 +98,29 @@ def home(request: HttpRequest) -> HttpResponse:
 @cache_page(30)
 def about(request: HttpRequest) -> HttpResponse:
     return render(request, "shop/about.html", {"rendered_at": time.time()})
+
+
+async def report_async(request: HttpRequest) -> JsonResponse:
+    """The report from an async view (``demo.asgi`` under uvicorn).
+
+    On apee: ``aget_or_set_stampede_safe``, computed once per expiry while
+    the other requests wait on the event loop. On naive: the async
+    cache-aside such views are written with (``aget``; on a miss, compute in
+    a thread and ``aset``), so every request that misses computes.
+    """
+    from asgiref.sync import sync_to_async
+    from django.core.cache import cache
+
+    from django_apee import aget_or_set_stampede_safe
+
+    key = "shop:report:async"
+    if stampede_safe_available():
+        report = await aget_or_set_stampede_safe(
+            key, reports.sales_report, REPORT_TIMEOUT, soft_timeout=REPORT_SOFT
+        )
+    else:
+        report = await cache.aget(key)
+        if report is None:
+            report = await sync_to_async(reports.sales_report)()
+            await cache.aset(key, report, REPORT_TIMEOUT)
+    return JsonResponse({**report, "pid": os.getpid()})

@@ -42,7 +42,14 @@ def test_short_demo_computes_once_per_expiry_on_apee_only(redis_url, tmp_path):
         timeout=150,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    runs = json.loads(figures.read_text())["runs"]
+    report = json.loads(figures.read_text())
+    runs = report["runs"]
+    # The ASGI part: an async view under uvicorn, the report cold.
+    asgi = report["asgi"]
+    assert asgi["apee"]["computes"] == 1
+    assert asgi["apee"]["ok"] == asgi["apee"]["requests"] > 1
+    assert asgi["naive"]["ok"] == asgi["naive"]["requests"]
+    assert "ASGI (uvicorn" in done.stdout
     naive, apee = runs["naive"], runs["apee"]
 
     # django-apee: one run of the query for every expiry the load went through.
