@@ -213,16 +213,13 @@ class PrimarySentinel(Sentinel):
             except (RedisConnectionError, RedisTimeoutError) as error:
                 errors.append(f"{sentinel} - {error!r}")
                 continue
-            state = masters.get(service_name)
-            if not state or state["num-other-sentinels"] < self.min_other_sentinels:
-                continue
-            known = (str(state["ip"]), int(state["port"]))
-            promoted = _address(named)
-            if promoted is not None and promoted != known:
-                found = promoted
-            elif self.check_master_state(state, service_name):  # type: ignore[no-untyped-call]
-                found = known
-            else:
+            found = primary_named(
+                masters.get(service_name),
+                named,
+                self.min_other_sentinels,
+                lambda state: bool(self.check_master_state(state, service_name)),  # type: ignore[no-untyped-call]
+            )
+            if found is None:
                 continue
             # The sentinel that answered is asked first next time.
             self.sentinels[0], self.sentinels[number] = sentinel, self.sentinels[0]
@@ -231,6 +228,27 @@ class PrimarySentinel(Sentinel):
             f"No master found for {service_name!r}"
             + (f" : {', '.join(errors)}" if errors else "")
         )
+
+
+def primary_named(
+    state: dict[str, Any] | None,
+    named: Any,
+    min_other_sentinels: int,
+    up: Callable[[dict[str, Any]], bool],
+) -> tuple[str, int] | None:
+    """What one sentinel says the primary is (``PrimarySentinel``'s rule),
+    from its ``SENTINEL MASTERS`` entry ``state`` and its
+    ``GET-MASTER-ADDR-BY-NAME`` reply ``named``; None: ask the next one.
+    ``up(state)``: redis-py's check that the entry's address is not down.
+    The async client's sentinel (``store/aio/connect.py``) decides by it too.
+    """
+    if not state or state["num-other-sentinels"] < min_other_sentinels:
+        return None
+    known = (str(state["ip"]), int(state["port"]))
+    promoted = _address(named)
+    if promoted is not None and promoted != known:
+        return promoted
+    return known if up(state) else None
 
 
 def _address(reply: Any) -> tuple[str, int] | None:

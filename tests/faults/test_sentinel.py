@@ -13,6 +13,7 @@ failover timeline is printed (``-rP`` shows it).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -311,3 +312,51 @@ def test_noreplicas_is_waited_out_like_a_failover(group, make_cache):
         assert client.exists(":1:during") == 1
     print(f"\nNOREPLICAS waited out: the write landed {took:.2f} s after it was sent")
     assert 0.8 <= took < 8
+
+
+# -- the async methods: the loop's redis.asyncio client on the same sentinels --
+
+
+def test_async_reads_and_computes_on_the_sentinel_primary(group, make_cache):
+    _, cache = make_cache(location=group.location, **group.cache_options())
+    cache.set("written-sync", "v", 60)
+    calls = 0
+
+    async def compute() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.1)
+        return "computed"
+
+    async def main() -> tuple[Any, list[Any]]:
+        got = await cache.aget("written-sync")
+        made = await asyncio.gather(
+            *[cache.aget_or_set_stampede_safe("cold", compute, 60) for _ in range(50)]
+        )
+        return got, made
+
+    got, made = asyncio.run(main())
+
+    assert got == "v"
+    assert made == ["computed"] * 50
+    assert calls == 1
+    # Written on the primary the sync client reads: the two agree.
+    assert cache.get("cold") == "computed"
+    with group.client_for(group.primary()) as primary:
+        assert primary.exists(str(cache.client.make_key("cold"))) == 1
+
+
+def test_async_follows_a_failover_on_its_next_loop(group, make_cache):
+    _, cache = make_cache(location=group.location, **group.cache_options())
+    assert asyncio.run(cache.aget_or_set_stampede_safe("k", lambda: 1, 60)) == 1
+    old = group.failover()
+    group.wait_new_primary(old)
+    new = group.primary()
+    assert new != old
+
+    async def main() -> Any:
+        return await cache.aget_or_set_stampede_safe("after", lambda: 2, 60)
+
+    assert asyncio.run(main()) == 2
+    with group.client_for(new) as primary:
+        assert primary.exists(str(cache.client.make_key("after"))) == 1

@@ -28,7 +28,12 @@ from redis import Redis
 from redis import connection as syncconnection
 from redis import sentinel as syncsentinel
 from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import MasterNotFoundError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
+
+from django_apee.store.failover import primary_named
 
 logger = logging.getLogger("django_apee")
 
@@ -135,6 +140,37 @@ def _parameters(connection_class: type) -> set[str]:
     return names
 
 
+class PrimarySentinel(aiosentinel.Sentinel):
+    """``redis.asyncio``'s ``Sentinel``, deciding as the sync side's
+    ``failover.PrimarySentinel`` does: a promoted replica is the primary at
+    once, not once every sentinel's MASTERS entry has caught up."""
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        errors: list[str] = []
+        for number, sentinel in enumerate(self.sentinels):
+            try:
+                masters: Any = await sentinel.sentinel_masters()
+                named = await sentinel.execute_command(  # type: ignore[no-untyped-call]
+                    "SENTINEL", "GET-MASTER-ADDR-BY-NAME", service_name
+                )
+            except (RedisConnectionError, RedisTimeoutError) as error:
+                errors.append(f"{sentinel} - {error!r}")
+                continue
+            found = primary_named(
+                masters.get(service_name),
+                named,
+                self.min_other_sentinels,
+                lambda state: bool(self.check_master_state(state, service_name)),
+            )
+            if found is not None:
+                self.sentinels[0], self.sentinels[number] = sentinel, self.sentinels[0]
+                return found
+        raise MasterNotFoundError(
+            f"No master found for {service_name!r}"
+            + (f" : {', '.join(errors)}" if errors else "")
+        )
+
+
 def _sentinel_client(pool: syncsentinel.SentinelConnectionPool) -> aioredis.Redis:
     """The service's primary through ``redis.asyncio.sentinel``, asking the
     same sentinels with the same sentinel arguments."""
@@ -157,7 +193,7 @@ def _sentinel_client(pool: syncsentinel.SentinelConnectionPool) -> aioredis.Redi
     data_kwargs = async_kwargs(data_kwargs, data_class)
     data_kwargs.pop("host", None)
     data_kwargs.pop("port", None)
-    async_manager = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
+    async_manager = PrimarySentinel(  # type: ignore[no-untyped-call]
         sentinels,
         min_other_sentinels=manager.min_other_sentinels,
         sentinel_kwargs=sentinel_kwargs,
