@@ -12,7 +12,8 @@ What still runs the sync method in a worker thread (``thread_sensitive=False``:
 off the one thread ``sync_to_async`` shares, so a wait stalls no ORM call):
 everything when the client has no ``redis.asyncio`` twin (Redis Cluster) or
 the near cache is on (its hits are in process memory already), and the
-write methods (``aset``, ``aadd``, ``adelete``...) for now.
+write methods but ``adelete`` and ``adelete_many`` (``aset``, ``aadd``,
+``atouch``, ``aincr``...) for now.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 
 from django_apee import client_read
+from django_apee.client_inplace import revoke_call
 from django_apee.client_read import GET_CHUNK
 from django_apee.core import MISSING
 from django_apee.core.keys import LEASE, companion
@@ -68,6 +70,8 @@ class AsyncCacheMixin:
 
         get: Callable[..., Any]
         get_many: Callable[..., Any]
+        delete: Callable[..., Any]
+        delete_many: Callable[..., Any]
         get_or_set_stampede_safe: Callable[..., Any]
         stampede_call: Callable[..., tuple[Callable[[], Any], Call | None]]
 
@@ -177,6 +181,43 @@ class AsyncCacheMixin:
         served = await aherd.read(self.runtime.herd, io, rows)
         self.client._count_full(by_made_key, found, served, unreadable)
         return served
+
+    # -- deletes ---------------------------------------------------------------
+
+    async def adelete(self, key: Any, version: int | None = None) -> bool:
+        """Django's ``adelete``: ``delete`` on the loop (the value and its
+        lease, waking the lease's waiters: ``lua/delete.lua``)."""
+        engine = self._native()
+        if engine is None:
+            threaded = sync_to_async(self.delete, thread_sensitive=False)
+            return bool(await threaded(key, version))
+        client = self.client
+        made = client.make_key(key, version=version)
+        io = engine.loops.get()
+        try:
+            deleted = await ascripts.run(
+                io.client, "delete", *revoke_call(made, client.wake_channel)
+            )
+        except REDIS_ERRORS as error:
+            return bool(self._omitted(error, False))
+        return bool(int(deleted))
+
+    async def adelete_many(self, keys: Any, version: int | None = None) -> None:
+        """Django's ``adelete_many``: ``delete_many`` on the loop, pipelined."""
+        engine = self._native()
+        if engine is None:
+            await sync_to_async(self.delete_many, thread_sensitive=False)(keys, version)
+            return
+        client = self.client
+        made = [client.make_key(key, version=version) for key in keys]
+        if not made:
+            return
+        io = engine.loops.get()
+        calls = [revoke_call(one, client.wake_channel) for one in made]
+        try:
+            await ascripts.run_many(io.client, "delete", calls)
+        except REDIS_ERRORS as error:
+            self._omitted(error, None)
 
     # -- stampede-safe computation ---------------------------------------------
 

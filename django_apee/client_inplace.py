@@ -47,9 +47,14 @@ def interrupted(client: Any) -> Iterator[None]:
 def revoke(client: Any, made: str, channel: str) -> Any:
     """Delete a value and its lease in one step, waking its waiters
     (``lua/delete.lua``); ``client`` may be a pipeline."""
-    return scripts.run(
-        client, "delete", keys=[made, companion(made, LEASE)], args=[channel]
-    )
+    keys, args = revoke_call(made, channel)
+    return scripts.run(client, "delete", keys=keys, args=args)
+
+
+def revoke_call(made: str, channel: str) -> tuple[list[str], list[str]]:
+    """``lua/delete.lua``'s KEYS and ARGV for revoking ``made`` (the async
+    methods send the same call on their loop's client)."""
+    return [made, companion(made, LEASE)], [channel]
 
 
 class ClientParts:

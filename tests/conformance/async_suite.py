@@ -3,8 +3,9 @@ methods on real event loops.
 
 Django's own async cache tests only cover DummyCache (``tests_async.py``),
 so the contract the sync methods are held to is applied to the async ones:
-the backend below answers ``get``, ``get_many``, ``get_or_set`` and
-``get_or_set_stampede_safe`` by running ``aget``, ``aget_many``... on a
+the backend below answers ``get``, ``get_many``, ``get_or_set``,
+``get_or_set_stampede_safe``, ``delete`` and ``delete_many`` by running
+``aget``, ``aget_many``, ``adelete``... on a
 fresh event loop each call (``async_to_sync``), so a value one writes is
 read by the other, and every call also exercises the per-loop connections:
 opened on the loop, closed when it ends. Collected like ``suite.py``.
@@ -23,7 +24,7 @@ from tests.conformance.suite import APEE
 
 
 class AsyncRoutedCache(ApeeCache):
-    """ApeeCache whose reads are its native async methods."""
+    """ApeeCache whose reads and deletes are its native async methods."""
 
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
         assert self._native() is not None, "the async engine must be on"
@@ -31,6 +32,12 @@ class AsyncRoutedCache(ApeeCache):
 
     def get_many(self, keys: Any, version: int | None = None) -> Any:
         return async_to_sync(self.aget_many)(keys, version)
+
+    def delete(self, key: Any, version: int | None = None) -> bool:
+        return bool(async_to_sync(self.adelete)(key, version))
+
+    def delete_many(self, keys: Any, version: int | None = None) -> None:
+        async_to_sync(self.adelete_many)(keys, version)
 
     def get_or_set_stampede_safe(
         self, key: Any, default: Any, *args: Any, **kwargs: Any

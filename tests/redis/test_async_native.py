@@ -65,6 +65,19 @@ async def with_thread_peak(work: Any) -> tuple[Any, int]:
     return result, peak - baseline
 
 
+def held_elsewhere(cache: ApeeCache, key: str) -> tuple[str, lease.Lease]:
+    """Take ``key``'s lease as another process's holder would (20 s)."""
+    made = cache.client.make_key(key)
+    held = lease.acquire(
+        cache.client.get_client(write=True),
+        made,
+        20_000,
+        channel=cache.runtime.hub.channel,
+    ).lease
+    assert held is not None
+    return made, held
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_two_thousand_coroutines_on_a_cold_key(make_cache, kind):
     """One compute, every coroutine gets its value, at most 4 more threads."""
@@ -90,14 +103,7 @@ def test_two_thousand_coroutines_on_a_cold_key(make_cache, kind):
 def test_coroutines_wait_for_another_process_without_threads(make_cache, raw_redis):
     """A lease held elsewhere: 2,000 coroutines wait on the loop's wake-up."""
     _, cache = make_cache()
-    made = cache.client.make_key("elsewhere")
-    held = lease.acquire(
-        cache.client.get_client(write=True),
-        made,
-        20_000,
-        channel=cache.runtime.hub.channel,
-    ).lease
-    assert held is not None
+    made, held = held_elsewhere(cache, "elsewhere")
     local = Counted("computed here")
 
     async def main() -> tuple[list[Any], int]:
@@ -326,3 +332,30 @@ def test_a_kept_connection_the_server_closed_is_replaced(make_cache, raw_redis):
         return first, await cache.aget("k")
 
     assert asyncio.run(main()) == ("v", "v")
+
+
+def test_adelete_revokes_the_lease_and_wakes_its_waiters(make_cache, raw_redis):
+    """``adelete`` is ``delete``: value and lease go, and a coroutine waiting
+    for the revoked lease takes it and computes, instead of waiting it out."""
+    _, cache = make_cache()
+    held_elsewhere(cache, "busy")
+    cache.set("other", 1, 60)
+    local = Counted("fresh")
+
+    async def main() -> tuple[Any, bool]:
+        waiter = asyncio.ensure_future(
+            cache.aget_or_set_stampede_safe("busy", local.coroutine, 60)
+        )
+        hub = cache.runtime.acoordinator.loops.get().hub
+        while not hub.waiting():
+            await asyncio.sleep(0.005)
+        deleted = await cache.adelete("busy")  # nothing stored: no value
+        await cache.adelete_many(["other"])
+        return await asyncio.wait_for(waiter, 10), deleted
+
+    value, deleted = asyncio.run(main())
+
+    assert value == "fresh"
+    assert local.calls == 1
+    assert deleted is False  # there was no value, only a lease
+    assert cache.get("other") is None
