@@ -12,8 +12,8 @@ What still runs the sync method in a worker thread (``thread_sensitive=False``:
 off the one thread ``sync_to_async`` shares, so a wait stalls no ORM call):
 everything when the client has no ``redis.asyncio`` twin (Redis Cluster) or
 the near cache is on (its hits are in process memory already), and the
-write methods but ``adelete`` and ``adelete_many`` (``aset``, ``aadd``,
-``atouch``, ``aincr``...) for now.
+write methods but ``adelete``, ``adelete_many`` and ``atouch`` (``aset``,
+``aadd``, ``aset_many``, ``aincr``...) for now.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from django.core.cache.backends.base import DEFAULT_TIMEOUT
 
 from django_apee import client_read
 from django_apee.client_inplace import revoke_call
+from django_apee.client_invalidate import retime_call
 from django_apee.client_read import GET_CHUNK
 from django_apee.core import MISSING
 from django_apee.core.keys import LEASE, companion
@@ -72,6 +73,7 @@ class AsyncCacheMixin:
         get_many: Callable[..., Any]
         delete: Callable[..., Any]
         delete_many: Callable[..., Any]
+        touch: Callable[..., Any]
         get_or_set_stampede_safe: Callable[..., Any]
         stampede_call: Callable[..., tuple[Callable[[], Any], Call | None]]
 
@@ -218,6 +220,28 @@ class AsyncCacheMixin:
             await ascripts.run_many(io.client, "delete", calls)
         except REDIS_ERRORS as error:
             self._omitted(error, None)
+
+    async def atouch(
+        self,
+        key: Any,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        version: int | None = None,
+    ) -> bool:
+        """Django's ``atouch``: ``touch`` on the loop (the same script: a
+        computation in flight will not write over the new timeout)."""
+        engine = self._native()
+        if engine is None:
+            threaded = sync_to_async(self.touch, thread_sensitive=False)
+            return bool(await threaded(key, timeout, version))
+        client = self.client
+        made = client.make_key(key, version=version)
+        command, ms = client.touch_command(timeout)
+        name, keys, args = retime_call(made, command, ms, client.wake_channel)
+        io = engine.loops.get()
+        try:
+            return bool(await ascripts.run(io.client, name, keys, args))
+        except REDIS_ERRORS as error:
+            return bool(self._omitted(error, False))
 
     # -- stampede-safe computation ---------------------------------------------
 

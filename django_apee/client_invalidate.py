@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 
-from django_apee.client_inplace import ClientParts, interrupted, revoke
+from django_apee.client_inplace import ClientParts, interrupted, revoke, revoke_call
 from django_apee.core import to_milliseconds
 from django_apee.core.keys import LEASE, companion, companion_patterns, owner
 from django_apee.store import scripts
@@ -171,11 +171,16 @@ class InvalidateMixin(ClientParts):
     ) -> bool:
         """``touch`` and ``expire``: seconds from now, DEFAULT_TIMEOUT or
         None (never expires)."""
+        return self._retime(key, version, client, *self.touch_command(timeout))
+
+    def touch_command(self, timeout: Any) -> tuple[str, int]:
+        """What ``touch(timeout)`` asks ``lua/retime.lua`` for: ``PEXPIRE``
+        in milliseconds (DEFAULT_TIMEOUT: the alias's), or ``PERSIST``."""
         if timeout is DEFAULT_TIMEOUT:
             timeout = self._backend.default_timeout
         if timeout is None:
-            return self.persist(key, version=version, client=client)
-        return self._retime(key, version, client, "PEXPIRE", _ms(timeout))
+            return "PERSIST", 0
+        return "PEXPIRE", _ms(timeout)
 
     def pexpire(
         self,
@@ -235,17 +240,20 @@ class InvalidateMixin(ClientParts):
         made = self.make_key(key, version=version)
         if client is None:
             client = self.get_client(write=True)
+        name, keys, args = retime_call(made, command, ms, self.wake_channel)
         with interrupted(client):
-            if command == "PEXPIRE" and ms <= 0:
-                return bool(revoke(client, made, self.wake_channel))
-            return bool(
-                scripts.run(
-                    client,
-                    "retime",
-                    keys=[made, companion(made, LEASE)],
-                    args=[command, ms, self.wake_channel],
-                )
-            )
+            return bool(scripts.run(client, name, keys=keys, args=args))
+
+
+def retime_call(
+    made: str, command: str, ms: int, channel: str
+) -> tuple[str, list[str], list[Any]]:
+    """The script, KEYS and ARGV that give ``made`` a new timeout: a
+    ``PEXPIRE`` of 0 or less deletes it (``lua/delete.lua``), anything else
+    is ``lua/retime.lua``; either way its lease is revoked."""
+    if command == "PEXPIRE" and ms <= 0:
+        return "delete", *revoke_call(made, channel)
+    return "retime", [made, companion(made, LEASE)], [command, ms, channel]
 
 
 def _ms(timeout: float) -> int:

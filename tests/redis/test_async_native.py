@@ -359,3 +359,21 @@ def test_adelete_revokes_the_lease_and_wakes_its_waiters(make_cache, raw_redis):
     assert local.calls == 1
     assert deleted is False  # there was no value, only a lease
     assert cache.get("other") is None
+
+
+def test_atouch_is_touch(make_cache, raw_redis):
+    _, cache = make_cache()
+    cache.set("t", "v", 60)
+    made = str(cache.client.make_key("t"))
+
+    async def main() -> tuple[bool, bool, bool]:
+        return (
+            await cache.atouch("t", 500),
+            await cache.atouch("absent", 10),
+            await cache.atouch("t", None),
+        )
+
+    assert asyncio.run(main()) == (True, False, True)
+    assert raw_redis.pttl(made) == -1  # persisted by the last atouch
+    assert asyncio.run(cache.atouch("t", 0)) is True  # 0 deletes, as set would
+    assert cache.get("t") is None
