@@ -50,7 +50,8 @@ RUNS_KEY = "demo:sales_report:runs"  # shop.reports.RUNS_KEY; no Django here
 REPORT_PATH = "/report.json"
 #: Keys the site leaves in Redis, deleted before each run. Never FLUSHDB:
 #: REDIS_URL may be a Redis the user shares with other things.
-KEY_PATTERNS = ("demo:*", "demo-naive:*", "{demo:*", "django_apee:stats:{demo:*")
+KEY_PATTERNS = ("demo:*", "demo-naive:*", "{demo:*")
+STATS_PATTERN = "django_apee:stats:{demo:*"  # the fleet counters apee_stats reads
 LABELS = {"naive": "django-redis, get_or_set", "apee": "django-apee"}
 
 
@@ -323,12 +324,17 @@ def bursts(starts: list[float], gap: float) -> list[int]:
 # --- one run, both runs ---------------------------------------------------
 
 
-def clear_keys(counter: redis.Redis) -> None:
-    for pattern in KEY_PATTERNS:
+def clear_keys(counter: redis.Redis, *, stats: bool = True) -> None:
+    """Every key the demo wrote; with ``stats=False`` the fleet counters stay."""
+    for pattern in (*KEY_PATTERNS, STATS_PATTERN) if stats else KEY_PATTERNS:
         batch = list(counter.scan_iter(match=pattern, count=1000))
         if batch:
             counter.delete(*batch)
     counter.delete(RUNS_KEY)
+
+
+def keep_stats(counter: redis.Redis) -> None:
+    clear_keys(counter, stats=False)
 
 
 def run_config(config: str, plan: Plan, counter: redis.Redis) -> tuple[Result, Site]:
@@ -376,7 +382,8 @@ def compare_asgi(plan: Plan, counter: redis.Redis) -> dict[str, Any]:
     env = {"DEMO_REPORT_TIMEOUT": str(plan.timeout), "DEMO_REPORT_SOFT": str(plan.soft)}
     clients = plan.clients * 4
     return {
-        config: asgi_demo.run(config, clients, free_port(), env, counter, clear_keys)
+        # The fleet counters of the gunicorn run stay for apee_stats below.
+        config: asgi_demo.run(config, clients, free_port(), env, counter, keep_stats)
         for config in ("naive", "apee")
     }
 
