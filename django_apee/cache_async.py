@@ -12,8 +12,9 @@ What still runs the sync method in a worker thread (``thread_sensitive=False``:
 off the one thread ``sync_to_async`` shares, so a wait stalls no ORM call):
 everything when the client has no ``redis.asyncio`` twin (Redis Cluster) or
 the near cache is on (its hits are in process memory already), and the
-write methods but ``adelete``, ``adelete_many`` and ``atouch`` (``aset``,
-``aadd``, ``aset_many``, ``aincr``...) for now.
+write methods but ``adelete``, ``adelete_many``, ``atouch`` and
+``aincr``/``adecr`` (``aset``, ``aadd``, ``aset_many``, ``ahas_key``) for
+now.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
+from django_redis.exceptions import ConnectionInterrupted
+from redis.exceptions import ResponseError
 
 from django_apee import client_read
 from django_apee.client_inplace import revoke_call
@@ -74,6 +77,7 @@ class AsyncCacheMixin:
         delete: Callable[..., Any]
         delete_many: Callable[..., Any]
         touch: Callable[..., Any]
+        incr: Callable[..., Any]
         get_or_set_stampede_safe: Callable[..., Any]
         stampede_call: Callable[..., tuple[Callable[[], Any], Call | None]]
 
@@ -242,6 +246,33 @@ class AsyncCacheMixin:
             return bool(await ascripts.run(io.client, name, keys, args))
         except REDIS_ERRORS as error:
             return bool(self._omitted(error, False))
+
+    # -- in place ----------------------------------------------------------------
+
+    async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
+        """Django's ``aincr`` (and so ``adecr``): ``lua/incr.lua`` on the loop
+        for a raw int; anything else (an int in an envelope, past 64 bits)
+        is read, added and written back by the sync path, in a thread."""
+        engine = self._native()
+        if engine is None:
+            threaded = sync_to_async(self.incr, thread_sensitive=False)
+            return await threaded(key, delta, version)
+        client = self.client
+        made = client.make_key(key, version=version)
+        io = engine.loops.get()
+        try:
+            result = await ascripts.run(io.client, "incr", [made], [delta, 0])
+        except ResponseError:  # not a raw int: read, add, write back
+            threaded = sync_to_async(client._incr_in_python, thread_sensitive=False)
+            try:
+                return await threaded(made, delta, client.get_client(write=True))
+            except ConnectionInterrupted as error:
+                return self._omitted(error.__cause__ or error, None)
+        except REDIS_ERRORS as error:
+            return self._omitted(error, None)
+        if result is None:
+            raise ValueError(f"Key '{key}' not found")
+        return int(result)
 
     # -- stampede-safe computation ---------------------------------------------
 

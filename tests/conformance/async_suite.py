@@ -4,8 +4,8 @@ methods on real event loops.
 Django's own async cache tests only cover DummyCache (``tests_async.py``),
 so the contract the sync methods are held to is applied to the async ones:
 the backend below answers ``get``, ``get_many``, ``get_or_set``,
-``get_or_set_stampede_safe``, ``delete``, ``delete_many`` and ``touch``
-by running ``aget``, ``aget_many``, ``adelete``... on a
+``get_or_set_stampede_safe``, ``delete``, ``delete_many``, ``touch``,
+``incr`` and ``decr`` by running ``aget``, ``aget_many``, ``adelete``... on a
 fresh event loop each call (``async_to_sync``), so a value one writes is
 read by the other, and every call also exercises the per-loop connections:
 opened on the loop, closed when it ends. Collected like ``suite.py``.
@@ -38,6 +38,12 @@ class AsyncRoutedCache(ApeeCache):
 
     def delete_many(self, keys: Any, version: int | None = None) -> None:
         async_to_sync(self.adelete_many)(keys, version)
+
+    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
+        return async_to_sync(self.aincr)(key, delta, version)
+
+    def decr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
+        return async_to_sync(self.adecr)(key, delta, version)
 
     def touch(self, key: Any, *args: Any, **kwargs: Any) -> bool:
         return bool(async_to_sync(self.atouch)(key, *args, **kwargs))

@@ -377,3 +377,21 @@ def test_atouch_is_touch(make_cache, raw_redis):
     assert raw_redis.pttl(made) == -1  # persisted by the last atouch
     assert asyncio.run(cache.atouch("t", 0)) is True  # 0 deletes, as set would
     assert cache.get("t") is None
+
+
+def test_aincr_and_adecr(make_cache):
+    _, cache = make_cache()
+    cache.set("n", 10, 60)
+    cache.set("big", 2**70, 60)  # past 64 bits: stored in the envelope
+
+    async def main() -> tuple[Any, Any, Any]:
+        return (
+            await cache.aincr("n", 5),
+            await cache.adecr("n", 3),
+            await cache.aincr("big"),
+        )
+
+    assert asyncio.run(main()) == (15, 12, 2**70 + 1)
+    assert cache.get("big") == 2**70 + 1
+    with pytest.raises(ValueError, match="not found"):
+        asyncio.run(cache.aincr("absent"))
