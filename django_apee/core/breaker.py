@@ -36,7 +36,14 @@ class CircuitBreaker:
         self._probing = False
 
     def allow(self) -> bool:
-        """May this caller use Redis now? (At most one probe while half-open.)"""
+        """May this caller use Redis now? (At most one probe while half-open.)
+
+        Closed, the answer is one read of an int (atomic under the GIL), no
+        lock: every stampede-safe hit asks. A failure counted concurrently
+        is as if it came just after this call.
+        """
+        if self._failures < self.threshold:
+            return True
         with self._lock:
             if self._failures < self.threshold:
                 return True
@@ -46,6 +53,11 @@ class CircuitBreaker:
             return True
 
     def success(self) -> None:
+        """Close the breaker. Already clean (no failure counted), nothing to
+        do, without the lock: only ``success`` sets ``_failures`` to 0, and
+        it resets the probe and the cooldown with it."""
+        if self._failures == 0:
+            return
         with self._lock:
             self._failures = 0
             self._probing = False
