@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 #: pipelined round trip, so other clients' commands run between them.
 GET_CHUNK = 512
 
+#: The most deadlines one client remembers (``ReadMixin._untils``); past
+#: it they are all forgotten (a deadline costs ~1 µs to recompute).
+UNTILS_LIMIT = 4096
+
 #: What :meth:`ReadMixin._lean` returns for an entry it cannot call fresh.
 _FULL_PATH = object()
 #: ... and for an unreadable one: a miss, counted, with nothing to wait for.
@@ -65,6 +69,12 @@ class ReadMixin:
     _lean_reads = True
     #: The alias's ``RedisClock``, remembered on first use.
     _clock: RedisClock | None = None
+    #: Each entry's fresh-until deadline (``policy.fresh_until_ms``) by its
+    #: ``Meta``, for the policy in ``_untils_rules``: a function of the two,
+    #: computed once per entry rather than per read. ``unpack_meta``
+    #: memoises the ``Meta`` by its bytes, so a hit looks up an equal tuple.
+    _untils: dict[Meta, float] | None = None
+    _untils_rules: object = None
 
     if TYPE_CHECKING:  # supplied by ApeeClientMixin and django-redis's client
 
@@ -182,7 +192,17 @@ class ReadMixin:
         if meta is None or meta.hard_ms == 0:
             return value  # no deadline: always fresh
         backend = self._backend
-        until = policy.fresh_until_ms(meta, backend.options.policy)
+        rules = backend.options.policy
+        untils = self._untils
+        if untils is None or self._untils_rules is not rules:
+            untils = self._untils = {}
+            self._untils_rules = rules
+        until = untils.get(meta)
+        if until is None:
+            until = policy.fresh_until_ms(meta, rules)
+            if len(untils) >= UNTILS_LIMIT:
+                untils.clear()
+            untils[meta] = until
         if until == policy.UNDECIDED:
             return _FULL_PATH
         clock = self._clock
