@@ -136,11 +136,21 @@ class RedisClock:
 
     def latest_ms(self) -> float | None:
         """The latest Redis time it can be now (ms since the epoch); None if
-        Redis's clock could not be measured."""
-        sample = self._current()
-        if sample is None:
-            return None
+        Redis's clock could not be measured.
+
+        Every lean hit asks: ``_current`` is written out here, and its
+        monotonic reading is the one the answer uses (taken no earlier, so
+        the bound stays the latest possible time).
+        """
+        sample = self._sample
         now = self._monotonic()
+        if sample is None:
+            sample = self._first()
+            if sample is None:
+                return None
+            now = self._monotonic()
+        elif now - sample.taken > self._refresh_s:
+            self._refresh_in_background()
         drift = (now - sample.taken) * DRIFT_PPM / 1000
         return now * 1000 + sample.offset_ms + sample.error_ms + drift
 
