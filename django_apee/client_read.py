@@ -111,13 +111,10 @@ class ReadMixin:
         except REDIS_ERRORS as error:
             raise ConnectionInterrupted(connection=client) from error
         if raw is not None:
-            # _lean_answer written out: each call layer costs a hit ~0.3 µs.
-            value = self._lean(made, raw)
+            value = self._lean_answer(made, raw)
             if value is _UNREADABLE:
-                metrics.count_gets(self._backend.alias, 0, 1)
                 return default
             if value is not _FULL_PATH:
-                metrics.count_gets(self._backend.alias, 1, 0)
                 return value
         return self._full_path(client, {made: key}, {}).get(key, default)
 
@@ -189,16 +186,9 @@ class ReadMixin:
         """The value of a fresh entry, judged from its envelope alone;
         ``_FULL_PATH`` when only its PTTL can tell, ``_UNREADABLE``."""
         try:
-            # The envelope's decode first, without _decode_with_meta's layer;
-            # whatever it refuses (str, foreign bytes, ...) goes through that
-            # layer, which reads legacy values and reports what it refuses.
-            decoded = self._backend.envelope.decode(raw, key=made)  # type: ignore[arg-type]
-            value, meta = decoded.value, decoded.meta
+            value, meta = self._decode_with_meta(raw, made)
         except DecodeError:
-            try:
-                value, meta = self._decode_with_meta(raw, made)
-            except DecodeError:
-                return _UNREADABLE  # counted and logged by the decoder
+            return _UNREADABLE  # counted and logged by the decoder
         if meta is None or meta.hard_ms == 0:
             return value  # no deadline: always fresh
         backend = self._backend
