@@ -56,9 +56,26 @@ def words(command: dict[str, Any]) -> list[str]:
     return str(command["command"]).split(" ")
 
 
+def background(command: dict[str, Any]) -> bool:
+    """A command of the process's background threads, not of the call being
+    watched: the fleet flush (``TIME``, then ``stats.lua``) and the Redis
+    clock's samples (``TIME``) run on their own schedule and may land in any
+    window."""
+    name, *args = words(command)
+    name = name.upper()
+    return name == "TIME" or (
+        name == "EVALSHA" and bool(args) and args[0] == scripts.script("stats").sha
+    )
+
+
 def client_commands(seen: Seen) -> set[str]:
-    """The names of the commands clients sent, connection handshakes aside."""
-    return {words(c)[0].upper() for c in seen if c["client_type"] != "lua"} - HANDSHAKE
+    """The names of the commands clients sent, connection handshakes and
+    background threads aside."""
+    return {
+        words(c)[0].upper()
+        for c in seen
+        if c["client_type"] != "lua" and not background(c)
+    } - HANDSHAKE
 
 
 def script_runs(seen: Seen, name: str) -> list[tuple[list[str], list[list[str]]]]:
