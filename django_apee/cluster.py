@@ -55,7 +55,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from django_apee.client import GET_CHUNK, ApeeClientMixin
 from django_apee.client_inplace import interrupted
 from django_apee.conf import Problem, fingerprint
-from django_apee.core.keys import LEASE, companion, hash_tag, same_slot
+from django_apee.core.keys import (
+    LEASE,
+    companion,
+    companion_patterns,
+    hash_tag,
+    owner,
+    same_slot,
+)
 from django_apee.core.process import Registry
 from django_apee.store import scripts
 from django_apee.store.errors import REDIS_ERRORS
@@ -330,15 +337,24 @@ class ApeeClusterClient(ApeeClientMixin, DefaultClient):  # type: ignore[misc]
     ) -> int:
         """Delete every matching key on every primary, revoking their leases.
 
-        Keys go in batches through ``delete_many``'s pipelined scripts; a key
-        no client of ours could have written (its lease could not share its
-        slot) is deleted with a plain DEL.
+        As on one Redis (``client_invalidate.py``), leases are found apart
+        too: a key computed for the first time has a lease and no value yet,
+        and its compute must not land. Keys go in batches through
+        ``delete_many``'s pipelined scripts; a key no client of ours could
+        have written (its lease could not share its slot) is deleted with a
+        plain DEL. Returns the number of values deleted.
         """
         if client is None:
             client = self.get_client(write=True)
+        made = self.make_pattern(pattern, version=version, prefix=prefix)
+        found = set(self._scan_all(made, itersize, client))
+        for lease_pattern in companion_patterns(made, LEASE):
+            for lease in self._scan_all(lease_pattern, itersize, client):
+                if (value_key := owner(lease, LEASE)) is not None:
+                    found.add(value_key)
         deleted = 0
         batch: list[CacheKey] = []
-        for key in self._scan_raw(pattern, version, prefix, itersize, client):
+        for key in sorted(found):
             if not same_slot(key):
                 with interrupted(client):
                     deleted += int(client.delete(key))
@@ -359,8 +375,14 @@ class ApeeClusterClient(ApeeClientMixin, DefaultClient):  # type: ignore[misc]
         itersize: int | None,
         client: Any,
     ) -> Iterator[str]:
-        """Matching keys, SCANned on every primary in turn."""
+        """Keys matching ``search`` made into a pattern, on every primary."""
         pattern = self.make_pattern(search, version=version, prefix=prefix)
+        return self._scan_all(pattern, itersize, client)
+
+    @staticmethod
+    def _scan_all(pattern: str, itersize: int | None, client: Any) -> Iterator[str]:
+        """Keys matching the Redis glob ``pattern``, SCANned on every primary
+        in turn."""
         with interrupted(client):
             for key in client.scan_iter(
                 match=pattern, count=itersize, target_nodes=RedisCluster.PRIMARIES
