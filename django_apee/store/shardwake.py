@@ -18,11 +18,16 @@ bus. From Redis/Valkey 7 a *shard channel* lives in one hash slot: an
   hot key pay that round trip once, not at every expiry.
 
 ``ShardWakeHub`` keeps one redis-py ``ClusterPubSub`` per process and alias,
-driven by one thread: it holds one connection per node with channels,
-follows slot moves, and after any error (a failover, a node killed) is
-rebuilt and subscribes every channel still in use again, waking every
-waiter so none sleeps through the change. A waiter whose wake-up is lost
-anyway waits to the lease's end, as with ``wake.WakeHub``.
+driven by one thread: it holds one connection per node with channels. After
+any error (a failover, a node killed) and after a slot move it is rebuilt:
+it refreshes the slot map, subscribes every channel still in use again on
+its slot's owner now, and wakes every waiter so none sleeps through the
+change. A slot move shows as an ``sunsubscribe`` we did not ask for: a node
+that gives a slot up unsubscribes its clients from the slot's shard
+channels (Redis/Valkey 7+). Nothing else tells this process: its own
+commands may never touch the slot, and the holder that will SPUBLISH on the
+new owner is often another process. A waiter whose wake-up is lost anyway
+waits to the lease's end, as with ``wake.WakeHub``.
 """
 
 from __future__ import annotations
@@ -75,6 +80,10 @@ class ShardWakeHub(WakeHub):
         self._idle: dict[str, float] = {}
         self._confirmed: dict[str, threading.Event] = {}
         self._requests: queue.Queue[tuple[str, str]] = queue.Queue()
+        #: Channels this hub unsubscribed from itself (the thread's own).
+        self._leaving: set[str] = set()
+        #: The slot map may be out of date: refreshed before subscribing.
+        self._stale = False
         self._worker = ProcessThread(
             self._run, "django-apee-shard-wake", on_start=self._forget
         )
@@ -128,6 +137,7 @@ class ShardWakeHub(WakeHub):
         self.subscribed.clear()
         self._confirmed = {}
         self._requests = queue.Queue()
+        self._leaving = set()
 
     def _run(self) -> None:
         backoff = 0.05
@@ -141,6 +151,8 @@ class ShardWakeHub(WakeHub):
             if self.subscribed.is_set():
                 backoff = 0.05
             self.subscribed.clear()
+            self._stale = True
+            self._leaving = set()
             with self._lock:
                 # What has waiters is subscribed again by the next _listen.
                 self._confirmed = {}
@@ -152,7 +164,12 @@ class ShardWakeHub(WakeHub):
             backoff = min(backoff * 2, 0.5)
 
     def _listen(self) -> None:
-        pubsub: Any = self._connect().pubsub()  # type: ignore[no-untyped-call]
+        cluster: Any = self._connect()
+        if self._stale:
+            # A slot moved or a node failed: subscribe where slots are now.
+            cluster.nodes_manager.initialize()
+            self._stale = False
+        pubsub: Any = cluster.pubsub()
         try:
             with self._lock:
                 wanted = list(self._confirmed)
@@ -170,8 +187,8 @@ class ShardWakeHub(WakeHub):
                         self._requests.put(self._requests.get(timeout=1.0))
                     continue
                 message = pubsub.get_sharded_message(timeout=POLL_S)
-                if message is not None:
-                    self._on_message(message)
+                if message is not None and not self._on_message(message):
+                    return
         finally:
             try:
                 pubsub.close()
@@ -204,9 +221,11 @@ class ShardWakeHub(WakeHub):
                 del self._idle[channel]
                 self._confirmed.pop(channel, None)
         for channel in old:
+            self._leaving.add(channel)
             pubsub.sunsubscribe(channel)
 
-    def _on_message(self, message: dict[str, Any]) -> None:
+    def _on_message(self, message: dict[str, Any]) -> bool:
+        """Act on one message; False: rebuild the pub/sub (a slot moved)."""
         kind = message.get("type")
         kind = kind.decode() if isinstance(kind, bytes) else kind
         channel = message.get("channel")
@@ -219,3 +238,11 @@ class ShardWakeHub(WakeHub):
         elif kind == "smessage":
             key = message["data"]
             self._wake(key.decode() if isinstance(key, bytes) else str(key))
+        elif kind == "sunsubscribe":
+            if channel in self._leaving:
+                self._leaving.discard(channel)  # we asked for it
+            else:
+                # The node gave the channel's slot up (resharding).
+                logger.debug("django_apee: %s's slot moved", channel)
+                return False
+        return True

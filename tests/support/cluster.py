@@ -262,6 +262,48 @@ class ClusterDeployment:
 
         return wait_until(stable, timeout, "a stable cluster", 0.05)
 
+    def node_id(self, port: int) -> str:
+        with self.node(port).client() as client:
+            return str(client.execute_command("CLUSTER", "MYID"))
+
+    def migrate_slot(self, slot: int, to_port: int, timeout: float = 15.0) -> float:
+        """Move ``slot`` and its keys to the primary on ``to_port``, as
+        ``redis-cli --cluster reshard`` does; seconds until stable.
+
+        ``SETSLOT IMPORTING`` on the target, ``MIGRATING`` on the source,
+        ``MIGRATE`` of every key in the slot (TTLs kept), then ``SETSLOT
+        NODE`` on the target, the source and every other primary. When the
+        source gives the slot up it sends an ``sunsubscribe`` to each client
+        of a shard channel in it (Redis/Valkey 7+).
+        """
+        began = time.monotonic()
+        from_port = next(
+            primary
+            for (first, last), (primary, _) in self.slot_map().items()
+            if first <= slot <= last
+        )
+        if from_port == to_port:
+            raise ValueError(f"slot {slot} is on {to_port} already")
+        source, target = self.node_id(from_port), self.node_id(to_port)
+        with (
+            self.node(from_port).client() as giving,
+            self.node(to_port).client() as taking,
+        ):
+            taking.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source)
+            giving.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target)
+            while keys := giving.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                giving.execute_command(
+                    "MIGRATE", HOST, to_port, "", 0, 5000, "KEYS", *keys
+                )
+            taking.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
+            giving.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
+        for port in self.primary_ports():
+            if port not in (from_port, to_port):
+                with self.node(port).client() as other:
+                    other.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target)
+        self.wait_stable(max(0.1, began + timeout - time.monotonic()))
+        return time.monotonic() - began
+
     # -- clients ---------------------------------------------------------------
 
     @property
