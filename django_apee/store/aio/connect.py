@@ -44,6 +44,9 @@ _CLASSES: dict[type, type] = {
     syncconnection.UnixDomainSocketConnection: aioconnection.UnixDomainSocketConnection,
 }
 _LOGGED: set[str] = set()
+#: Seconds a coroutine waits for a pooled connection when no socket timeout
+#: bounds a reply (redis-py's own default).
+BORROW_TIMEOUT = 20.0
 #: What a sync pool adds to its connections' arguments for its own use (its
 #: maintenance notifications, original addresses): never passed on.
 _POOL_INTERNAL = ("maint_notifications", "orig_", "himport_registry")
@@ -73,9 +76,14 @@ def async_client(client: Redis) -> aioredis.Redis:
         return _sentinel_client(pool)
     connection_class = _async_class(pool.connection_class)
     kwargs = async_kwargs(pool.connection_kwargs, connection_class)
-    async_pool = aioconnection.ConnectionPool(
+    # Blocking: past ``max_connections`` a coroutine waits for a connection
+    # (as long as a reply may take) rather than fail. Threads are few and
+    # rarely meet the bound; a loop serving an ASGI site runs hundreds of
+    # coroutines at once, each holding a connection for its round trip.
+    async_pool = aioconnection.BlockingConnectionPool(
         connection_class=connection_class,
         max_connections=pool.max_connections,
+        timeout=kwargs.get("socket_timeout") or BORROW_TIMEOUT,
         # Its "auto" default refuses the RESP2 parser at the first connect.
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
         **kwargs,
