@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from django_apee.core.singleflight import (
+    RELEASE_BATCH,
     AsyncSingleFlight,
     LeaderAborted,
     Result,
@@ -421,6 +422,54 @@ def test_async_100_coroutines_share_one_execution() -> None:
     assert len(results) == 100
     assert len({id(r.value) for r in results}) == 1
     assert sum(r.leader for r in results) == 1
+
+
+def test_async_followers_are_released_a_batch_per_loop_iteration() -> None:
+    """2,000 followers do not all resume in one loop iteration (which holds
+    the loop for tens of milliseconds): a task that yields once per
+    iteration sees at most ``RELEASE_BATCH`` of them resume between two of
+    its steps, and every one gets the value."""
+    followers = 2000
+    resumed_per_step: list[int] = []
+
+    async def main() -> list[Result[object]]:
+        sf: AsyncSingleFlight[object] = AsyncSingleFlight()
+        release = asyncio.Event()
+        resumed = 0
+        done = False
+
+        async def fn() -> object:
+            await release.wait()
+            return "value"
+
+        async def call() -> Result[object]:
+            nonlocal resumed
+            result = await sf.do("k", fn, timeout=BOUND)
+            resumed += 1
+            return result
+
+        async def stepper() -> None:
+            nonlocal resumed
+            while not done:
+                await asyncio.sleep(0)  # one step per loop iteration
+                resumed_per_step.append(resumed)
+                resumed = 0
+
+        calls = asyncio.gather(*(call() for _ in range(followers + 1)))
+        await until(lambda: sf.followers("k") == followers)
+        stepping = asyncio.create_task(stepper())
+        release.set()
+        results = await calls
+        done = True
+        await stepping
+        return results
+
+    results = run(main())
+
+    assert [r.value for r in results] == ["value"] * (followers + 1)
+    assert sum(resumed_per_step) >= followers
+    assert max(resumed_per_step) <= RELEASE_BATCH + 1  # the leader too
+    assert max(resumed_per_step) < followers // 10
 
 
 def test_async_exception_reaches_every_follower() -> None:
