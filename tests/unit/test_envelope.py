@@ -55,9 +55,11 @@ def _empty_redis() -> None:
 @pytest.fixture(autouse=True, scope="module")
 def _safe_strings() -> Iterator[None]:
     """Hand Django's SafeString to the pure codec, as the backend does."""
+    before = codec._safe_string
     codec.register_safe_string(SafeString)
     yield
-    codec.register_safe_string(None)
+    # What it was: a backend built earlier in this process registered it.
+    codec.register_safe_string(before)
 
 
 KEY = b"current-signing-key-0123456789ab"
