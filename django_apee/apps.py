@@ -15,6 +15,7 @@ class ApeeConfig(AppConfig):  # type: ignore[misc]
 
     def ready(self) -> None:
         from django.conf import settings
+        from django.core.signals import request_finished
         from django.test.signals import setting_changed
 
         from django_apee import checks
@@ -27,11 +28,21 @@ class ApeeConfig(AppConfig):  # type: ignore[misc]
 
             trace.enable()
         setting_changed.connect(_caches_changed, dispatch_uid="django_apee.metrics")
+        request_finished.connect(_settle_counts, dispatch_uid="django_apee.settle")
         metrics.use_django_prometheus(django_prometheus_counters())
         for alias in apee_aliases(settings.CACHES):
             options, _ = parse(settings.CACHES[alias].get("OPTIONS") or {})
             metrics.configure(alias, enabled=options.metrics)
             metrics.initialise(alias)
+
+
+def _settle_counts(**kwargs: Any) -> None:
+    """The request's plain gets, ticked on the hit path, into the counters:
+    prometheus_client's multiprocess mode reads them from each worker's
+    files, where only a counter's ``inc`` puts them."""
+    from django_apee.observe import metrics
+
+    metrics.settle()
 
 
 def _caches_changed(*, setting: str, **kwargs: Any) -> None:

@@ -123,9 +123,9 @@ class ReadMixin:
         (a hit, or an unreadable value's miss); ``_FULL_PATH`` is not."""
         value = self._lean(made, raw)
         if value is _UNREADABLE:
-            metrics.count_gets(self._backend.alias, 0, 1)
+            metrics.tick_miss(self._backend.alias)
         elif value is not _FULL_PATH:
-            metrics.count_gets(self._backend.alias, 1, 0)
+            metrics.tick_hit(self._backend.alias)
         return value
 
     def get_many(

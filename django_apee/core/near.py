@@ -21,7 +21,6 @@ Placeholders count as entries (they hold a slot) and as ``PLACEHOLDER_BYTES``.
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -48,31 +47,6 @@ class NearEvents(Protocol):
 
     def near_served(self, hits: int) -> None:
         """``hits`` keys were answered from memory (get hits and near hits)."""
-
-
-class Tally:
-    """Hits counted without a lock, handed to the metrics off the hit path.
-
-    Two Prometheus increments (and their fleet tallies) cost as much as the
-    rest of a near hit; ``next()`` on an ``itertools.count`` is one atomic
-    step under the GIL. ``take`` returns what was counted since its last
-    call (its own step excluded).
-    """
-
-    def __init__(self) -> None:
-        self._count = itertools.count()
-        self._taken = -1
-        self._lock = threading.Lock()
-
-    def add(self) -> None:
-        next(self._count)
-
-    def take(self) -> int:
-        with self._lock:
-            now = next(self._count)
-            counted = now - self._taken - 1
-            self._taken = now
-            return counted
 
 
 class _Placeholder:

@@ -15,12 +15,14 @@ for an alias.
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram
 
 from django_apee.core.envelope import DECODE_REASONS
+from django_apee.core.tally import Tally
 from django_apee.store import fleet
 
 #: Buckets from 100 µs to 60 s: a hit-path wait and a minute-long compute
@@ -145,6 +147,24 @@ def histogram(name: str, documentation: str) -> _Family:
     return family
 
 
+class _Settle:
+    """A collector with no metrics of its own, registered before every
+    counter here: each collection of the default registry settles first."""
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> list[Any]:
+        settle()
+        return []
+
+
+# Before any counter: the registry collects in the order of registration.
+REGISTRY.register(_Settle())
+fleet.before_flush(lambda: settle())
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _forget_ticks())
+
 GET_HITS = counter(
     "apee_cache_hits", "Keys that get/get_many found (a servable value)."
 )
@@ -264,6 +284,7 @@ def use_django_prometheus(counters: tuple[Any, Any, Any] | None) -> None:
     """Also feed django-prometheus's own cache counters (total, hits, misses)."""
     global _django_counters
     _django_counters = counters
+    settle()
     _gets.clear()
 
 
@@ -274,6 +295,7 @@ def reset() -> None:
 
 
 def _forget_children() -> None:
+    settle()
     _gets.clear()
     for family in FAMILIES:
         family.forget()
@@ -304,9 +326,17 @@ class Gets:
     With django-prometheus importable, its ``django_cache_get_*`` counters
     (label ``backend="redis"``, the value its own django-redis backend uses)
     count too, so dashboards built on them keep working after the swap.
+
+    A single-key ``get`` only ticks a :class:`~django_apee.core.tally.Tally`
+    (``found``/``missed``); :func:`settle` hands the ticks to the counters
+    before every collection of this process's registry, at the end of each
+    Django request (prometheus_client's multiprocess files), before every
+    fleet flush and at exit.
     """
 
     def __init__(self, alias: str) -> None:
+        self.found = Tally()
+        self.missed = Tally()
         self.hits = GET_HITS.labels(cache=alias)
         self.misses = GET_MISSES.labels(cache=alias)
         theirs = _django_counters if enabled(alias) else None
@@ -315,6 +345,12 @@ class Gets:
         else:
             total, hits, misses = (c.labels(backend="redis") for c in theirs)
             self.django = (total, hits, misses)
+
+    def settle(self) -> None:
+        """Count the ticks of single-key gets since the last call."""
+        hits, misses = self.found.take(), self.missed.take()
+        if hits or misses:
+            self.count(hits, misses)
 
     def count(self, hits: int, misses: int) -> None:
         if hits:
@@ -344,6 +380,29 @@ def count_gets(alias: str, hits: int, misses: int) -> None:
     """Count one get/get_many call's found and missing keys (no I/O)."""
     gets = _gets.get(alias) or gets_of(alias)
     gets.count(hits, misses)
+
+
+def tick_hit(alias: str) -> None:
+    """One ``get`` found its key: the hit path's count (see :class:`Gets`)."""
+    (_gets.get(alias) or gets_of(alias)).found.add()
+
+
+def tick_miss(alias: str) -> None:
+    """One ``get`` found its key unreadable (a miss)."""
+    (_gets.get(alias) or gets_of(alias)).missed.add()
+
+
+def settle() -> None:
+    """Hand every alias's ticked gets to the counters (off the hit path)."""
+    for gets in list(_gets.values()):
+        gets.settle()
+
+
+def _forget_ticks() -> None:
+    """After fork: the parent's ticks are the parent's to count."""
+    for gets in list(_gets.values()):
+        gets.found = Tally()
+        gets.missed = Tally()
 
 
 class AliasMetrics:

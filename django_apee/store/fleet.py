@@ -138,6 +138,15 @@ class Tally:
 
 TALLY = Tally()
 
+#: Called before each flush takes the tally: counts kept elsewhere until then
+#: (``observe.metrics.settle``) join it.
+_BEFORE_FLUSH: list[Callable[[], None]] = []
+
+
+def before_flush(hook: Callable[[], None]) -> None:
+    """Run ``hook`` before every flush (it must not raise)."""
+    _BEFORE_FLUSH.append(hook)
+
 
 def flush() -> int:
     """Send this process's counts to Redis now; return the aliases flushed.
@@ -145,6 +154,8 @@ def flush() -> int:
     Never raises: an alias whose Redis cannot be reached keeps its counts for
     the next flush.
     """
+    for hook in _BEFORE_FLUSH:
+        hook()
     by_alias: dict[str, dict[str, int]] = {}
     for (alias, field), amount in TALLY.take().items():
         if amount:

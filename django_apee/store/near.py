@@ -34,7 +34,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from django_apee.core import MISSING, policy
-from django_apee.core.near import ENTRY_OVERHEAD, Limits, NearEvents, NearStore, Tally
+from django_apee.core.near import ENTRY_OVERHEAD, Limits, NearEvents, NearStore
+from django_apee.core.tally import Tally
 from django_apee.core.wire import DecodeError
 from django_apee.store.clock import DRIFT_PPM
 from django_apee.store.tracking import Tracker

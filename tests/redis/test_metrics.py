@@ -264,6 +264,49 @@ def test_forked_child_does_not_inherit_the_parents_tally(make_cache):
     assert fleet.TALLY.pending()[(alias, "misses")] == 4
 
 
+def _child_ticks(alias: str, queue: Any) -> None:
+    cache = caches[alias]
+    for _ in range(2):
+        cache.get("k")
+    metrics.settle()
+    queue.put(total(alias, "hits"))
+
+
+def test_forked_child_counts_its_own_gets_not_the_parents_ticks(make_cache):
+    """A get only ticks (``metrics.Gets``); the ticks not yet settled when
+    the process forks are the parent's: the child counts its own alone."""
+    alias, cache = make_cache()
+    cache.set("k", 1, 60)
+    cache.get("k")
+    assert total(alias, "hits") == 1  # collecting settles
+    for _ in range(5):
+        cache.get("k")  # ticked, not settled yet
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_ticks, args=(alias, queue))
+    child.start()
+    try:
+        assert queue.get(timeout=30) == 1 + 2
+    finally:
+        child.join(timeout=30)
+    assert total(alias, "hits") == 1 + 5
+
+
+def test_a_request_end_settles_the_ticked_gets(make_cache):
+    """prometheus_client's multiprocess mode reads what ``inc`` wrote to the
+    worker's files: the end of each request settles the gets it ticked."""
+    from django.core.signals import request_finished
+
+    alias, cache = make_cache()
+    cache.set("k", 1, 60)
+    child = metrics.GET_HITS.labels(cache=alias)
+    assert cache.get("k") == 1
+    assert cache.get("missing") is None
+    assert child._prom._value.get() == 0  # ticked only
+    request_finished.send(sender=None)
+    assert child._prom._value.get() == 1
+
+
 def test_threads_counting_at_once_lose_nothing(make_cache, raw_redis):
     alias, cache = make_cache()
     cache.set("k", 1, 60)

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from django_apee.core.near import PLACEHOLDER_BYTES, Limits, NearStore, Tally
+from django_apee.core.near import PLACEHOLDER_BYTES, Limits, NearStore
+from django_apee.core.tally import Tally
 
 
 def filled(store: NearStore, key: str, entry: object, size: int) -> bool:
