@@ -57,6 +57,8 @@ logger = logging.getLogger("django_apee")
 
 #: What ``Coordinator._lean_hit`` returns for bytes that do not decode.
 _UNREADABLE = object()
+#: The most fresh-until deadlines ``Coordinator._untils`` keeps.
+UNTILS_LIMIT = 4096
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,8 @@ class Coordinator:
         self.clock = clock
         self.tuning = tuning
         self.rules = tuning.policy
+        #: Each entry's ``policy.fresh_until_ms`` under ``rules``, by Meta.
+        self._untils: dict[Meta | None, float] = {}
         self.events = events
         self.flights: SingleFlight[Any] = SingleFlight()
         self.breaker = CircuitBreaker(
@@ -236,7 +240,14 @@ class Coordinator:
         if decoded is None:
             return _UNREADABLE
         value, meta = decoded
-        until = policy.fresh_until_ms(meta, self.rules)
+        untils = self._untils
+        until = untils.get(meta)
+        if until is None:
+            # A function of the entry and the (fixed) rules: once per entry.
+            until = policy.fresh_until_ms(meta, self.rules)
+            if len(untils) >= UNTILS_LIMIT:
+                untils.clear()
+            untils[meta] = until
         if until == policy.NO_DEADLINE:
             return value
         if until == policy.UNDECIDED or self.clock is None:

@@ -58,13 +58,28 @@ NULL = _Null()
 
 
 class _CounterChild:
-    __slots__ = ("_prom", "_slot")
+    """A counter child: a single step is ticked (``core/tally.py``) and
+    settled later, any other amount counted at once."""
+
+    __slots__ = ("_prom", "_slot", "ticks")
 
     def __init__(self, prom: Any, slot: tuple[str, str]) -> None:
         self._prom = prom
         self._slot = slot
+        self.ticks = Tally()
 
     def inc(self, amount: float = 1) -> None:
+        if amount == 1:
+            self.ticks.add()
+        else:
+            self._count(amount)
+
+    def settle(self) -> None:
+        ticked = self.ticks.take()
+        if ticked:
+            self._count(ticked)
+
+    def _count(self, amount: float) -> None:
         self._prom.inc(amount)
         fleet.TALLY.add(self._slot, int(amount))
 
@@ -126,7 +141,16 @@ class _Family:
     def forget(self) -> None:
         """Drop resolved children (the METRICS option may have changed)."""
         with self._lock:
-            self._children = {}
+            children, self._children = self._children, {}
+        for child in children.values():
+            if isinstance(child, _CounterChild):
+                child.settle()
+
+    def counters(self) -> list[_CounterChild]:
+        """The children whose steps are ticked (``settle`` and fork)."""
+        return [
+            c for c in list(self._children.values()) if isinstance(c, _CounterChild)
+        ]
 
 
 FAMILIES: list[_Family] = []
@@ -393,9 +417,13 @@ def tick_miss(alias: str) -> None:
 
 
 def settle() -> None:
-    """Hand every alias's ticked gets to the counters (off the hit path)."""
+    """Count every tick of this process (off the hit path): gets first, as
+    their hits feed counters that are ticked too."""
     for gets in list(_gets.values()):
         gets.settle()
+    for family in FAMILIES:
+        for child in family.counters():
+            child.settle()
 
 
 def _forget_ticks() -> None:
@@ -403,6 +431,9 @@ def _forget_ticks() -> None:
     for gets in list(_gets.values()):
         gets.found = Tally()
         gets.missed = Tally()
+    for family in FAMILIES:
+        for child in family.counters():
+            child.ticks = Tally()
 
 
 class AliasMetrics:
