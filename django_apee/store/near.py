@@ -34,6 +34,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from django_apee.core import MISSING, policy
+from django_apee.core.copies import copier
 from django_apee.core.near import ENTRY_OVERHEAD, Limits, NearEvents, NearStore
 from django_apee.core.tally import Tally
 from django_apee.core.wire import DecodeError
@@ -49,8 +50,11 @@ if TYPE_CHECKING:
     from django_apee.core.near import Ticket
 
 #: Entry kinds: the value itself (immutable), or a payload loaded per read.
-VALUE, PAYLOAD = 0, 1
+VALUE, PAYLOAD, COPY = 0, 1, 2
 FOREVER = float("inf")
+#: (fresh until, kind, codec, payload): VALUE, payload the value (a raw
+#: int); PAYLOAD, the opened payload; COPY, a function copying the value.
+Entry = tuple[float, int, int, Any]
 
 
 def fresh_left_ms(meta: Meta | None, pttl_ms: int, rules: policy.Policy) -> float:
@@ -126,6 +130,8 @@ class Near:
             return MISSING
         if kind == VALUE:
             value = payload
+        elif kind == COPY:
+            value = payload()  # a copy of the kept value (core/copies.py)
         else:
             try:
                 value = self.envelope.load(codec, payload)
@@ -171,8 +177,8 @@ class Near:
         if entry is None:
             self.store.release(ticket)
             return
-        size = ENTRY_OVERHEAD + len(ticket.key) + _size(entry[3])
-        self.store.fill(ticket, entry, size)
+        entry, held = _kept(entry, self.envelope)
+        self.store.fill(ticket, entry, ENTRY_OVERHEAD + len(ticket.key) + held)
         evicted = self.store.take_evictions()
         if evicted:
             self.events.near_evictions.inc(evicted)
@@ -300,5 +306,18 @@ class Near:
         }
 
 
-def _size(payload: Any) -> int:
-    return len(payload) if isinstance(payload, (bytes, bytearray)) else 32
+def _kept(entry: Entry, envelope: Envelope) -> tuple[Entry, int]:
+    """What to keep for a fresh entry, and the bytes it holds: the value
+    and its copier when its shape has one (``core/copies.py``), else the
+    opened payload, unpacked per read."""
+    until, kind, codec, payload = entry
+    if kind != PAYLOAD:
+        return entry, 32
+    try:
+        found = copier(envelope.load(codec, payload))
+    except Exception:  # not loadable here: the payload, as before
+        found = None
+    if found is None:
+        return entry, len(payload)
+    copy, size = found
+    return (until, COPY, codec, copy), size
