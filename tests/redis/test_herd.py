@@ -347,6 +347,16 @@ def test_herd_off_never_waits(make_cache, raw_redis):
     assert time.monotonic() - started < 0.5
 
 
+def test_an_excluded_key_being_computed_is_not_waited_for(make_cache, raw_redis):
+    """A ``HERD_EXCLUDE`` key found absent misses at once, as on django-redis,
+    even while its lease is held (docs/howto/cachalot-sessions.rst)."""
+    _, cache = make_cache(HERD_EXCLUDE=["mine:"])
+    hold_lease(cache, "mine:k", 5000)
+    started = time.monotonic()
+    assert cache.get("mine:k") is None
+    assert time.monotonic() - started < 0.5
+
+
 # -- cold misses ------------------------------------------------------------
 
 
