@@ -19,6 +19,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from django_apee.core import MISSING
 from django_apee.core.process import Registry
 from django_apee.engine.aio.loop import per_loop
 from django_apee.engine.aio.stampede import AsyncCoordinator
@@ -49,6 +50,21 @@ class BackendStore:
 
     def __init__(self, backend: ApeeCache) -> None:
         self._backend = backend
+        #: The alias's near cache, when on (set by the Runtime).
+        self.near: Near | None = None
+
+    def near_hit(self, made: str) -> Any:
+        near = self.near
+        if near is None:
+            return MISSING
+        value = near.find(made)
+        if value is not MISSING:
+            near.events.near_hits.inc()
+        return value
+
+    def read(self, connection: Redis, made: str) -> Any:
+        # The client's own read: a near cache's reserves and fills.
+        return self._backend.client._read_value(connection, made)
 
     def connection(self) -> Redis:
         connection: Redis = self._backend.client.get_client(write=True)
@@ -105,6 +121,7 @@ class Runtime:
         self._async: tuple[AsyncCoordinator | None] | None = None
         #: The near cache (OPTIONS NEAR_CACHE), None when off.
         self.near = _near(backend, self) if options.near_cache else None
+        self.store.near = self.near
         #: Under Sentinel: follows the primary, and moves the wake-up
         #: subscription and the identity connection when it moves.
         self.watch: PrimaryWatch | None = None

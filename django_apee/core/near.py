@@ -41,6 +41,8 @@ class Counter(Protocol):
 class NearEvents(Protocol):
     """Where the near cache counts (``observe.metrics.AliasMetrics`` fits)."""
 
+    #: Near hits of the stampede-safe path (``near_served`` counts get's).
+    near_hits: Counter
     near_evictions: Counter
     near_invalidations: Counter
     near_flushes: Counter

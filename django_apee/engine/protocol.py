@@ -34,6 +34,14 @@ class Store(Protocol):
     def connection(self) -> Redis:
         """The primary: leases, fenced writes and wake-ups never go to a replica."""
 
+    def near_hit(self, made: str) -> Any:
+        """The value of ``made`` fresh in process memory (a near cache, where
+        the alias has one; counted there), or MISSING."""
+
+    def read(self, connection: Redis, made: str) -> Any:
+        """The bytes stored under ``made`` (None: absent), by ``GET``; a near
+        cache keeps what it finds fresh."""
+
     def decode_entry(self, made: str, raw: bytes) -> tuple[Any, Meta | None] | None:
         """Value and metadata of the bytes stored under ``made``; None (already
         counted) if unreadable, or not ``made``'s (the MAC binds them to it)."""

@@ -178,11 +178,15 @@ class Coordinator:
             return call.compute()
 
     def _get_or_set(self, call: Call) -> Any:
+        value = self.store.near_hit(call.made)
+        if value is not MISSING:
+            self.events.hits.inc()
+            return value
         if not self.breaker.allow():
             return self._local(call, reason="circuit_open")
         try:
             connection = self.store.connection()
-            raw: bytes | None = connection.get(call.made)  # type: ignore[assignment]
+            raw: bytes | None = self.store.read(connection, call.made)
             if raw is not None:
                 value = self._lean_hit(call.made, raw)
                 if value is _UNREADABLE:

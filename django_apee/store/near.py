@@ -120,7 +120,18 @@ class Near:
     # -- the hit path ---------------------------------------------------------
 
     def lookup(self, made: str) -> Any:
-        """The value near-cached under ``made``, or MISSING (ask Redis)."""
+        """The value near-cached under ``made``, or MISSING (ask Redis);
+        a value found is counted as a get hit and a near hit."""
+        value = self.find(made)
+        if value is not MISSING:
+            if self.count_inline:
+                self.events.near_served(1)
+            else:
+                self.hits.add()
+        return value
+
+    def find(self, made: str) -> Any:
+        """``lookup``, not counted (the stampede-safe path counts its own)."""
         entry = self.store.get(made)
         if entry is None:
             return MISSING
@@ -140,10 +151,6 @@ class Near:
                 # pickled, a cap): a miss, and the Redis read says why.
                 self.store.invalidate([made])
                 return MISSING
-        if self.count_inline:
-            self.events.near_served(1)
-        else:
-            self.hits.add()
         return value
 
     # -- filling ------------------------------------------------------------

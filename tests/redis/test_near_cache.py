@@ -242,3 +242,37 @@ def test_a_payload_that_no_longer_loads_is_a_miss_not_an_error(
     monkeypatch.delattr(sys.modules[__name__], "Gone")  # as a deploy might
     # A miss each time (counted by the Redis read), never an exception.
     assert [near_cache.get("k") for _ in range(3)] == [None, None, None]
+
+
+def test_a_stampede_safe_hit_is_served_from_memory_and_stays_coherent(
+    near_cache: ApeeCache, raw_redis: redis.Redis
+) -> None:
+    alias = near_cache.alias
+    computes: list[int] = []
+
+    def compute() -> dict[str, list[int]]:
+        computes.append(1)
+        return {"a": [1, 2]}
+
+    assert near_cache.get_or_set_stampede_safe("k", compute, 60) == {"a": [1, 2]}
+    # The read that finds it in Redis keeps it near (reserve, GET, fill).
+    assert near_cache.get_or_set_stampede_safe("k", compute, 60) == {"a": [1, 2]}
+    near = near_of(near_cache)
+    made = near_cache.client.make_key("k")
+    assert near.find(made) == {"a": [1, 2]}
+    near_hits = sample("apee_cache_near_hits_total", alias)
+    hits = sample("apee_cache_stampede_hits_total", alias)
+    gets = sample("apee_cache_hits_total", alias)
+    first = near_cache.get_or_set_stampede_safe("k", compute, 60)
+    first["a"].append(3)  # callers mutate what they get
+    assert near_cache.get_or_set_stampede_safe("k", compute, 60) == {"a": [1, 2]}
+    assert sample("apee_cache_near_hits_total", alias) - near_hits == 2
+    assert sample("apee_cache_stampede_hits_total", alias) - hits == 2
+    assert sample("apee_cache_hits_total", alias) == gets  # not plain get hits
+    assert len(computes) == 1
+    # Another client's write reaches the stampede-safe path too.
+    plant(raw_redis, near_cache, "k", {"v": 7})
+    assert eventually(
+        lambda: near_cache.get_or_set_stampede_safe("k", compute, 60) == {"v": 7}
+    )
+    assert len(computes) == 1

@@ -12,6 +12,7 @@ from django.core.cache import caches
 from django.test import override_settings
 
 from django_apee.cache import ApeeCache
+from django_apee.core import MISSING
 from django_apee.core.envelope import Envelope, Meta
 from django_apee.engine.protocol import Tuning
 from django_apee.engine.stampede import Call, Coordinator, make_spec
@@ -84,6 +85,12 @@ class RawStore:
 
     def connection(self) -> redis.Redis:
         return self.client
+
+    def near_hit(self, made: str) -> Any:
+        return MISSING
+
+    def read(self, connection: redis.Redis, made: str) -> Any:
+        return connection.get(made)
 
     def decode_entry(self, made: str, raw: bytes) -> tuple[Any, Meta | None] | None:
         decoded = self.envelope.decode(raw, key=made)
