@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from django.core.cache.backends.base import (
     DEFAULT_TIMEOUT,
-    default_key_func,
-    memcache_key_warnings,
 )
 
 from django_apee.core import MISSING
@@ -40,8 +38,6 @@ if TYPE_CHECKING:
     from django_apee.store.near import Near
 
 
-#: Made keys remembered per client (per thread and alias).
-MADE_KEYS = 4096
 #: Forks so far in this process's line: a child forgets what its parent's
 #: clients remembered (its near cache is its own, ``core/process.py``).
 _FORKS = [0]
@@ -58,7 +54,6 @@ class NearClientMixin:
     """Near-cache reads and local invalidation for one ApeeCache client."""
 
     _backend: ApeeCache
-    _made_keys: dict[tuple[str, int | None], Any]
     _near_held: tuple[int, Near]
 
     @property
@@ -115,31 +110,8 @@ class NearClientMixin:
         return found
 
     def _made_key(self, key: Any, version: int | None) -> Any:
-        """``make_key``, remembered for str keys that raise no key warning.
-
-        Making and validating a key is a third of a near hit. Django's key
-        function is a pure function of key, prefix and version; a key that
-        warned is made (and warns) every time, as without the near cache.
-        """
-        memo: dict[tuple[str, int | None], Any] | None = getattr(
-            self, "_made_keys", None
-        )
-        if memo is None:
-            memo = {}
-            self._made_keys = memo
-        found = memo.get((key, version)) if type(key) is str else None
-        if found is not None:
-            return found
-        made = self.make_key(key, version=version)  # type: ignore[attr-defined]
-        if (
-            type(key) is str
-            and self._backend.key_func is default_key_func
-            and next(iter(memcache_key_warnings(str(made))), None) is None
-        ):
-            if len(memo) >= MADE_KEYS:
-                memo.clear()
-            memo[(key, version)] = made
-        return made
+        """``make_key`` (which remembers str keys of the default version)."""
+        return self.make_key(key, version=version)  # type: ignore[attr-defined]
 
     def _read_value(self, client: Redis, made: Any) -> Any:
         """``get``'s plain GET, reserved before it is sent and filled from
