@@ -11,10 +11,9 @@ loop's wake-up subscription and the coroutines of a loop coalesced.
 What still runs the sync method in a worker thread (``thread_sensitive=False``:
 off the one thread ``sync_to_async`` shares, so a wait stalls no ORM call):
 everything when the client has no ``redis.asyncio`` twin (Redis Cluster) or
-the near cache is on (its hits are in process memory already), and the
-write methods but ``adelete``, ``adelete_many``, ``atouch`` and
-``aincr``/``adecr`` (``aset``, ``aadd``, ``aset_many``, ``ahas_key``) for
-now.
+the near cache is on (its hits are in process memory already). The writes
+``aset``, ``aadd``, ``aset_many`` and ``ahas_key`` are in
+``cache_async_write.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from django_redis.exceptions import ConnectionInterrupted
 from redis.exceptions import ResponseError
 
 from django_apee import client_read
+from django_apee.cache_async_write import AsyncWriteMixin
 from django_apee.client_inplace import revoke_call
 from django_apee.client_invalidate import retime_call
 from django_apee.client_read import GET_CHUNK
@@ -42,6 +42,7 @@ from django_apee.store.errors import REDIS_ERRORS
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
+    from django_apee.engine.aio.loop import LoopIO
     from django_apee.engine.aio.stampede import AsyncCoordinator
     from django_apee.engine.stampede import Call
 
@@ -55,7 +56,7 @@ def _constant(value: Any) -> Callable[[], Any]:
     return constant
 
 
-class AsyncCacheMixin:
+class AsyncCacheMixin(AsyncWriteMixin):
     """The ``a*`` methods of :class:`~django_apee.cache.ApeeCache`."""
 
     if TYPE_CHECKING:  # supplied by ApeeCache and django-redis's RedisCache
@@ -121,7 +122,7 @@ class AsyncCacheMixin:
             except REDIS_ERRORS as error:
                 return self._omitted(error, default)
             if raw is not None:
-                await self._clock_sampled()
+                await self._clock_sampled(io)
                 value = client._lean_answer(made, raw)
                 if value is client_read._UNREADABLE:
                     return default
@@ -149,7 +150,7 @@ class AsyncCacheMixin:
         except REDIS_ERRORS as error:
             found: dict[Any, Any] = self._omitted(error, {})
             return found
-        await self._clock_sampled()
+        await self._clock_sampled(io)
         found, full, unreadable = client._sort_lean(by_made_key, raws)
         if not full:
             metrics.count_gets(self.alias, len(found), unreadable)
@@ -157,12 +158,13 @@ class AsyncCacheMixin:
         served = await self._afull(engine, full, found, unreadable)
         return client_read.merged(by_made_key, found, served)
 
-    async def _clock_sampled(self) -> None:
-        """Redis's clock is sampled (lean reads judge ages by it): the
-        process's first sample is a round trip, taken in a thread."""
+    async def _clock_sampled(self, io: LoopIO) -> None:
+        """Redis's clock is sampled (lean reads judge ages by it, writes
+        stamp their time with it): the process's first sample is a round
+        trip, taken in a thread, once for all the loop's coroutines."""
         clock = self.runtime.clock
         if clock.sample is None:
-            await asyncio.to_thread(clock.latest_ms)
+            await io.read(("clock",), lambda: asyncio.to_thread(clock.latest_ms))
 
     async def _afull(
         self,

@@ -14,6 +14,8 @@ import functools
 import random
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from django.core.cache.backends.base import (
@@ -50,7 +52,8 @@ if TYPE_CHECKING:
     from redis import Redis
 
     from django_apee.cache import ApeeCache
-    from django_apee.engine.herd import Claim, Herd
+    from django_apee.engine.herd import Claim
+    from django_apee.store import lease
 
 
 #: What Django's key warnings look for besides length: memcached refuses
@@ -237,70 +240,88 @@ class ApeeClientMixin(ReadMixin, RoutingMixin, InvalidateMixin, InPlaceMixin):
         if timeout is not None and timeout <= 0:
             return self._expire_now(key, version, client, nx=nx, xx=xx)
         made = self.make_key(key, version=version)
-        px = None if timeout is None else to_milliseconds(timeout)
         if client is None:
             client = self.get_client(write=True)
-        runtime = self._backend.runtime
-        herd = runtime.herd
-        if (won := herd.claim(made)) is not None:
-            return self._herd_set(client, made, value, px, herd, won)
-        # The hard timeout lets readers tell the entry's age from its PTTL;
-        # the soft one is the reader's rule (SOFT_TIMEOUT_RATIO), not stored.
-        meta = Meta(hard_ms=px, written_ms=runtime.clock.earliest_ms()) if px else None
-        encoded = self.encode(value, meta=meta, key=made)
-        mode = "NX" if nx else "XX" if xx else ""
+        call = self.set_call(
+            made, value, px_of(timeout), "NX" if nx else "XX" if xx else ""
+        )
         with interrupted(client):
-            stored = scripts.run(
-                client,
-                "set",
-                keys=[made, companion(made, LEASE)],
-                args=[encoded, "" if px is None else px, mode, self.wake_channel],
-            )
-            return bool(stored)
+            stored = scripts.run(client, call.name, keys=call.keys, args=call.args)
+        if isinstance(client, Pipeline):
+            return True  # set_many and callers' pipelines: the answer comes later
+        return self.set_stored(call, stored)
 
-    def _herd_set(
+    def set_call(
         self,
-        client: Redis,
-        made: CacheKey,
+        made: str,
         value: Any,
         px: int | None,
-        herd: Herd,
-        won: Claim,
-    ) -> bool:
-        """The write of a reader that won ``made``'s lease from a get: fenced.
+        mode: str = "",
+        release: Callable[[lease.Lease], None] | None = None,
+    ) -> SetCall:
+        """The script call that stores ``value`` under ``made`` (``set``,
+        ``add``, ``set_many`` and their async twins send it).
 
-        ``add`` and ``set`` alike: that reader was told the key was absent.
-        The time since it won is the compute time XFetch and leases learn.
+        A plain write is ``lua/set.lua`` (``mode``: NX, XX or ""). A key
+        whose lease a reader of this process won from a get (herd mode) gets
+        the fenced ``lua/herd_set.lua`` instead, ``add`` and ``set`` alike:
+        that reader was told the key was absent; the time since it won is
+        the compute time XFetch and leases learn. If the value cannot be
+        encoded, that lease is handed to ``release`` (default: released in
+        this thread) and the error raised.
         """
+        runtime = self._backend.runtime
+        herd = runtime.herd
+        px_arg = "" if px is None else px
+        won = herd.claim(made)
+        if won is None:
+            # The hard timeout lets readers tell the entry's age from its PTTL;
+            # the soft one is the reader's rule (SOFT_TIMEOUT_RATIO), not stored.
+            written = runtime.clock.earliest_ms()
+            meta = Meta(hard_ms=px, written_ms=written) if px else None
+            encoded = self.encode(value, meta=meta, key=made)
+            keys = [made, companion(made, LEASE)]
+            return SetCall("set", keys, [encoded, px_arg, mode, self.wake_channel])
         meta = Meta(
             hard_ms=px or 0,
             delta_ms=won.delta_ms(time.monotonic()),
             seed=random.randrange(1, policy.SEED_RANGE),
-            written_ms=self._backend.runtime.clock.earliest_ms(),
+            written_ms=runtime.clock.earliest_ms(),
         )
         try:
             encoded = self.encode(value, meta=meta, key=made)
         except Exception:
-            herd.release_quietly(won.lease)
+            (release or herd.release_quietly)(won.lease)
             raise
-        with interrupted(client):
-            stored = scripts.run(
-                client,
-                "herd_set",
-                keys=[made, won.lease.lease_key],
-                args=[
-                    won.lease.token,
-                    won.fingerprint,
-                    encoded,
-                    "" if px is None else px,
-                    won.lease.channel,
-                ],
-            )
-        if isinstance(client, Pipeline):
-            return True  # set_many: the pipeline answers later
-        if not stored:
-            herd.lost()
+        held = won.lease
+        args = [held.token, won.fingerprint, encoded, px_arg, held.channel]
+        return SetCall("herd_set", [made, held.lease_key], args, won)
+
+    def set_stored(self, call: SetCall, stored: Any) -> bool:
+        """``call``'s answer: whether it stored (a herd write that found
+        something newer is counted as a lost lease)."""
+        if call.won is not None and not stored:
+            self._backend.runtime.herd.lost()
         return bool(stored)
+
+    def set_many_calls(
+        self,
+        data: dict[Any, Any],
+        timeout: float | None,
+        version: int | None,
+        release: Callable[[lease.Lease], None] | None = None,
+    ) -> tuple[list[tuple[list[Any], list[Any]]], list[SetCall]]:
+        """``set_many``'s writes (``timeout`` in seconds, above 0, or None):
+        the plain ``lua/set.lua`` calls, pipelined in one round trip, and the
+        fenced writes of the keys whose lease a reader of this process won
+        (herd mode), each sent alone as ``set`` sends it."""
+        px = px_of(timeout)
+        calls = [
+            self.set_call(self.make_key(key, version=version), value, px, "", release)
+            for key, value in data.items()
+        ]
+        plain = [(call.keys, call.args) for call in calls if call.won is None]
+        return plain, [call for call in calls if call.won is not None]
 
     def pttl(
         self, key: Any, version: int | None = None, client: Redis | None = None
@@ -315,17 +336,8 @@ class ApeeClientMixin(ReadMixin, RoutingMixin, InvalidateMixin, InPlaceMixin):
         if client is None:
             client = self.get_client(write=False)
         with interrupted(client):
-            pipeline = client.pipeline(transaction=False)
-            # The header and metadata, not the value.
-            pipeline.getrange(made, 0, HEADER_PEEK_BYTES - 1)
-            pipeline.pttl(made)
-            raw, pttl = pipeline.execute()
-        if pttl == -2:
-            return 0
-        if pttl == -1:
-            return None
-        meta = peek_meta(raw)
-        return max(0, int(pttl) - (meta.grace_ms if meta is not None else 0))
+            pipeline = peek(client.pipeline(transaction=False), made)
+            return served_pttl(*pipeline.execute())
 
     def ttl(
         self, key: Any, version: int | None = None, client: Redis | None = None
@@ -367,25 +379,51 @@ class ApeeClientMixin(ReadMixin, RoutingMixin, InvalidateMixin, InPlaceMixin):
                     self.set(key, value, timeout, version=version, client=pipeline)
                 pipeline.execute()
             return []
-        px = None if timeout is None else to_milliseconds(timeout)
-        runtime = self._backend.runtime
-        meta = Meta(hard_ms=px, written_ms=runtime.clock.earliest_ms()) if px else None
-        calls: list[tuple[list[str], list[Any]]] = []
-        won: list[tuple[CacheKey, Any, Claim]] = []
-        for key, value in data.items():
-            made = self.make_key(key, version=version)
-            if (claim := runtime.herd.claim(made)) is not None:
-                won.append((made, value, claim))
-                continue
-            encoded = self.encode(value, meta=meta, key=made)
-            args = [encoded, "" if px is None else px, "", self.wake_channel]
-            calls.append(([made, companion(made, LEASE)], args))
+        plain, fenced = self.set_many_calls(data, timeout, version)
         with interrupted(client):
-            if calls:
-                scripts.run_many(client, "set", calls)
-            for made, value, claim in won:
-                self._herd_set(client, made, value, px, runtime.herd, claim)
+            if plain:
+                scripts.run_many(client, "set", plain)
+            for call in fenced:
+                self.set_stored(
+                    call, scripts.run(client, call.name, call.keys, call.args)
+                )
         return []
+
+
+@dataclass(frozen=True)
+class SetCall:
+    """One write of ``set``: ``lua/<name>.lua``'s KEYS and ARGV, and the
+    claim (a lease a reader of this process won, herd mode) it writes under."""
+
+    name: str
+    keys: list[Any]
+    args: list[Any]
+    won: Claim | None = None
+
+
+def px_of(timeout: float | None) -> int | None:
+    """A timeout in seconds (None: never expires) as ``PX`` milliseconds."""
+    return None if timeout is None else to_milliseconds(timeout)
+
+
+def peek(pipeline: Any, made: str) -> Any:
+    """Queue what ``pttl`` and ``has_key`` read of ``made``: the header and
+    metadata (not the value), and the PTTL."""
+    pipeline.getrange(made, 0, HEADER_PEEK_BYTES - 1)
+    pipeline.pttl(made)
+    return pipeline
+
+
+def served_pttl(raw: bytes | None, pttl: int) -> int | None:
+    """Milliseconds until the entry stops being served, from ``peek``'s two
+    answers: 0 absent, None persistent, the grace Redis keeps past the hard
+    timeout (``stale_if_error``) left out."""
+    if pttl == -2:
+        return 0
+    if pttl == -1:
+        return None
+    meta = peek_meta(raw) if raw is not None else None
+    return max(0, int(pttl) - (meta.grace_ms if meta is not None else 0))
 
 
 @functools.cache

@@ -3,9 +3,10 @@ methods on real event loops.
 
 Django's own async cache tests only cover DummyCache (``tests_async.py``),
 so the contract the sync methods are held to is applied to the async ones:
-the backend below answers ``get``, ``get_many``, ``get_or_set``,
-``get_or_set_stampede_safe``, ``delete``, ``delete_many``, ``touch``,
-``incr`` and ``decr`` by running ``aget``, ``aget_many``, ``adelete``... on a
+the backend below answers ``get``, ``get_many``, ``set``, ``add``,
+``set_many``, ``has_key``, ``get_or_set``, ``get_or_set_stampede_safe``,
+``delete``, ``delete_many``, ``touch``, ``incr`` and ``decr`` by running
+``aget``, ``aget_many``, ``aset``, ``adelete``... on a
 fresh event loop each call (``async_to_sync``), so a value one writes is
 read by the other, and every call also exercises the per-loop connections:
 opened on the loop, closed when it ends. Collected like ``suite.py``.
@@ -24,7 +25,7 @@ from tests.conformance.suite import APEE
 
 
 class AsyncRoutedCache(ApeeCache):
-    """ApeeCache whose reads and deletes are its native async methods."""
+    """ApeeCache whose reads, writes and deletes are its native async methods."""
 
     def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
         assert self._native() is not None, "the async engine must be on"
@@ -32,6 +33,19 @@ class AsyncRoutedCache(ApeeCache):
 
     def get_many(self, keys: Any, version: int | None = None) -> Any:
         return async_to_sync(self.aget_many)(keys, version)
+
+    def set(self, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        return async_to_sync(self.aset)(key, value, *args, **kwargs)
+
+    def add(self, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        return async_to_sync(self.aadd)(key, value, *args, **kwargs)
+
+    def set_many(self, data: Any, *args: Any, **kwargs: Any) -> list[Any]:
+        failed: list[Any] = async_to_sync(self.aset_many)(data, *args, **kwargs)
+        return failed
+
+    def has_key(self, key: Any, version: int | None = None) -> Any:
+        return async_to_sync(self.ahas_key)(key, version)
 
     def delete(self, key: Any, version: int | None = None) -> bool:
         return bool(async_to_sync(self.adelete)(key, version))

@@ -103,13 +103,19 @@ def test_winner_set_is_fenced_frees_the_lease_and_records_delta(make_cache, raw_
     assert cache.get("page") is None
     time.sleep(0.05)  # the winner's "compute"
     assert cache.set("page", "new", 10) is True
+    assert_fenced_write(cache, raw_redis)
+    assert cache.get("page") == "new"
+
+
+def assert_fenced_write(cache, raw_redis):
+    """The winner's "new" for "page" (10 s) landed as ``lua/herd_set.lua``
+    writes it: the lease freed, the compute time (>= 50 ms) and a seed stored."""
     assert raw_redis.exists(lease_key(cache, "page")) == 0
     value, meta = stored(cache, raw_redis, "page")
     assert value == "new"
     assert meta.hard_ms == 10_000
     assert 50 <= meta.delta_ms < 5_000
     assert meta.seed > 0
-    assert cache.get("page") == "new"
 
 
 def test_winner_add_is_the_fenced_write_too(make_cache, raw_redis):
