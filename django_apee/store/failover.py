@@ -94,6 +94,45 @@ def not_primary(error: BaseException) -> bool:
     return isinstance(error, ResponseError) and str(error).startswith(NOT_PRIMARY)
 
 
+class Attempts:
+    """One command's failures under ``FailoverRetry``'s rule (the sync policy
+    and its ``redis.asyncio`` twin, ``store/aio/failover.py``, both ask it).
+
+    ``counts(error)`` after each failure: False, raise it now (a refusal
+    that is not "not the primary", or one ``is_retryable`` refuses); then,
+    once the failure is reported, ``pause(error)``: how long to wait before
+    the next attempt (0: at once, the ``REDIS_RETRIES`` ones), or None:
+    the window has passed, raise it.
+    """
+
+    def __init__(self, retries: int, window_s: float) -> None:
+        self.retries = retries
+        self.window_s = window_s
+        self.failures = 0
+        self.deadline: float | None = None
+
+    def counts(
+        self, error: Exception, is_retryable: Callable[[Exception], bool] | None
+    ) -> bool:
+        if isinstance(error, ResponseError) and not not_primary(error):
+            return False
+        if is_retryable is not None and not is_retryable(error):
+            return False
+        self.failures += 1
+        return True
+
+    def pause(self, error: Exception) -> float | None:
+        now = time.monotonic()
+        if self.deadline is None:
+            self.deadline = now + self.window_s
+        if self.failures <= self.retries:
+            return 0.0  # REDIS_RETRIES: at once, as outside Sentinel
+        if now + RETRY_PAUSE_S > self.deadline:
+            return None
+        logger.debug("django_apee: waiting for a primary after %r", error)
+        return RETRY_PAUSE_S
+
+
 class FailoverRetry(Retry):
     """redis-py's retry policy for a Sentinel primary: wait out a failover.
 
@@ -143,7 +182,7 @@ class FailoverRetry(Retry):
         try:
             return do()
         except self._caught() as error:
-            if isinstance(error, ResponseError) and not not_primary(error):
+            if not Attempts(0, 0.0).counts(error, None):
                 raise
             self._fail(fail, error, 1, with_count)
             raise
@@ -155,31 +194,18 @@ class FailoverRetry(Retry):
         is_retryable: Callable[[Exception], bool] | None,
         with_count: bool,
     ) -> T:
-        deadline: float | None = None
-        failures = 0
+        attempts = Attempts(self._retries, self.window_s)
         while True:
             try:
                 return do()
             except self._caught() as error:
-                if isinstance(error, ResponseError) and not not_primary(error):
+                if not attempts.counts(error, is_retryable):
                     raise
-                if is_retryable is not None and not is_retryable(error):
+                self._fail(fail, error, attempts.failures, with_count)
+                if (pause := attempts.pause(error)) is None:
                     raise
-                failures += 1
-                self._fail(fail, error, failures, with_count)
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.window_s
-                if failures <= self._retries:
-                    continue  # REDIS_RETRIES: at once, as outside Sentinel
-                if now + RETRY_PAUSE_S > deadline:
-                    raise
-                logger.debug(
-                    "django_apee: waiting for a primary after %r %s",
-                    error,
-                    threading.current_thread().name,
-                )
-                time.sleep(RETRY_PAUSE_S)
+                if pause:
+                    time.sleep(pause)
 
     def _caught(self) -> tuple[type[Exception], ...]:
         return (*self._supported_errors, ResponseError)

@@ -360,3 +360,86 @@ def test_async_follows_a_failover_on_its_next_loop(group, make_cache):
     assert asyncio.run(main()) == 2
     with group.client_for(new) as primary:
         assert primary.exists(str(cache.client.make_key("after"))) == 1
+
+
+def fallbacks(alias: str) -> float:
+    """Computes done locally because Redis failed (any reason)."""
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        if metric.name == "apee_cache_fallbacks"
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.labels.get("cache") == alias
+    )
+
+
+def test_async_callers_wait_out_a_primary_killed_under_them(group, make_cache):
+    """``FAILOVER_WAIT`` on the loop's ``redis.asyncio`` client: 16
+    coroutines write, read, check and compute while the primary is
+    SIGKILLed. Every call answers, none raises and none falls back to a
+    local compute; the slowest waited about the failover's length, within
+    FAILOVER_WAIT; every coroutine goes on working on the new primary."""
+    alias, cache = make_cache(
+        location=group.location,
+        **group.cache_options(FAILOVER_WAIT=FAILOVER_WAIT_S),
+    )
+    errors: list[str] = []
+    worst = 0.0
+    done_after: dict[int, int] = {}
+    timeline: dict[str, float] = {}
+
+    async def compute() -> str:
+        await asyncio.sleep(COMPUTE_S)
+        return "computed"
+
+    async def worker(n: int) -> None:
+        nonlocal worst
+        i = 0
+        while "stop" not in timeline or time.monotonic() < timeline["stop"]:
+            i += 1
+            started = time.monotonic()
+            try:
+                assert await cache.aset(f"w{n}", i, 60) is True
+                assert await cache.aget(f"w{n}") == i
+                assert await cache.aset_many({f"m{n}": i}, 60) == []
+                assert await cache.ahas_key(f"m{n}") is True
+                hot = f"hot{n % 4}"
+                assert await cache.aget_or_set_stampede_safe(hot, compute, 1) == (
+                    "computed"
+                )
+            except Exception as error:  # counted, not raised: the run goes on
+                errors.append(repr(error))
+            ended = time.monotonic()
+            worst = max(worst, ended - started)
+            if "new" in timeline and started > timeline["new"]:
+                done_after[n] = done_after.get(n, 0) + 1
+            await asyncio.sleep(0.02)
+
+    async def main() -> tuple[str, int]:
+        workers = [asyncio.ensure_future(worker(n)) for n in range(16)]
+        await asyncio.sleep(1.0)
+        timeline["fault"] = time.monotonic()
+        old = await asyncio.to_thread(group.kill_primary)
+        await asyncio.to_thread(group.wait_new_primary, old, 20)
+        timeline["new"] = time.monotonic()
+        timeline["stop"] = timeline["new"] + 2.0
+        await asyncio.wait_for(asyncio.gather(*workers), FAILOVER_WAIT_S + 10)
+        return old
+
+    before = fallbacks(alias)
+    old = asyncio.run(main())
+
+    failover_s = timeline["new"] - timeline["fault"]
+    print(
+        f"\nasync callers: primary {old} killed, new one named after "
+        f"{failover_s:.2f} s; slowest call {worst:.2f} s, {len(errors)} errors"
+    )
+    assert errors == []
+    assert fallbacks(alias) == before
+    assert worst <= failover_s + 1.0 + COMPUTE_S
+    assert worst < FAILOVER_WAIT_S
+    assert sorted(done_after) == list(range(16))
+    new = group.primary()
+    assert new != old
+    with group.client_for(new) as primary:
+        assert primary.exists(str(cache.client.make_key("w0"))) == 1

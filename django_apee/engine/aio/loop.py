@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from django_apee.core.singleflight import AsyncSingleFlight, LeaderAborted
+from django_apee.store.aio.failover import AsyncFailoverRetry
 from django_apee.store.aio.loops import PerLoop
 from django_apee.store.aio.wake import AsyncWakeHub
 
@@ -57,13 +58,16 @@ class LoopIO:
 
         A hit is one round trip, and ``redis.asyncio``'s client wrapper (the
         pool's lock, the retry wrapper) costs about as much again: the hit
-        path skips it while the retry policy has no retries to run. A kept
+        path skips it while the retry policy has no retries to run (and no
+        failover to wait for, ``FAILOVER_WAIT``). A kept
         connection the server closed meanwhile is dropped and the GET sent
         through the client, on a fresh one, as the pool would have done.
         """
         pool = self.client.connection_pool
         retry = pool.connection_kwargs.get("retry")
-        if retry is not None and retry.get_retries():
+        if retry is not None and (
+            retry.get_retries() or isinstance(retry, AsyncFailoverRetry)
+        ):
             return await self.client.get(made)
         reused = bool(self.idle)
         connection = (

@@ -33,7 +33,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from django_apee.store.failover import primary_named
+from django_apee.store.aio.failover import (
+    AsyncFailoverRetry,
+    SentinelPrimaryConnection,
+    SentinelPrimarySSLConnection,
+)
+from django_apee.store.failover import FailoverRetry, primary_named
 
 logger = logging.getLogger("django_apee")
 
@@ -126,7 +131,9 @@ def async_kwargs(kwargs: dict[str, Any], connection_class: type) -> dict[str, An
             _LOGGED.add(name)
             logger.debug("django_apee: %r has no redis.asyncio twin; left out", name)
     retry = found.get("retry")
-    if retry is not None:
+    if isinstance(retry, FailoverRetry):  # FAILOVER_WAIT, under Sentinel
+        found["retry"] = AsyncFailoverRetry.of(retry)
+    elif retry is not None:
         found["retry"] = AsyncRetry(
             retry._backoff, retry._retries, tuple(retry._supported_errors)
         )
@@ -194,9 +201,9 @@ def _sentinel_client(pool: syncsentinel.SentinelConnectionPool) -> aioredis.Redi
         k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"
     }
     data_class = (
-        aiosentinel.SentinelManagedSSLConnection
+        SentinelPrimarySSLConnection
         if issubclass(pool.connection_class, syncconnection.SSLConnection)
-        else aiosentinel.SentinelManagedConnection
+        else SentinelPrimaryConnection
     )
     data_kwargs = async_kwargs(data_kwargs, data_class)
     data_kwargs.pop("host", None)
