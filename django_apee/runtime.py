@@ -26,7 +26,7 @@ from django_apee.engine.aio.stampede import AsyncCoordinator
 from django_apee.engine.herd import Herd
 from django_apee.engine.stampede import Coordinator
 from django_apee.observe import metrics, trace
-from django_apee.store import fleet
+from django_apee.store import fleet, gauges
 from django_apee.store.aio.connect import async_client, mappable
 from django_apee.store.clock import RedisClock
 from django_apee.store.errors import REDIS_ERRORS
@@ -122,6 +122,8 @@ class Runtime:
         #: The near cache (OPTIONS NEAR_CACHE), None when off.
         self.near = _near(backend, self) if options.near_cache else None
         self.store.near = self.near
+        if self.near is not None:
+            gauges.report(self.alias, self.near.figures)
         #: Under Sentinel: follows the primary, and moves the wake-up
         #: subscription and the identity connection when it moves.
         self.watch: PrimaryWatch | None = None
@@ -166,6 +168,7 @@ class Runtime:
         (``CLOSE_WAIT_S``); a thread still running then ends on its own.
         """
         if self.near is not None:
+            gauges.report(self.alias, None)
             self.near.close()
         if self.watch is not None:
             self.watch.close(CLOSE_WAIT_S)

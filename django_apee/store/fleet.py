@@ -189,6 +189,11 @@ def register(alias: str, sink: Sink) -> None:
     _SINKS[alias] = sink
 
 
+def sink_of(alias: str) -> Sink | None:
+    """Where ``alias``'s counts go, if a backend said so."""
+    return _SINKS.get(alias)
+
+
 def _send(alias: str, fields: dict[str, int]) -> bool:
     sink = _SINKS.get(alias)
     if sink is None:

@@ -276,3 +276,43 @@ def test_a_stampede_safe_hit_is_served_from_memory_and_stays_coherent(
         lambda: near_cache.get_or_set_stampede_safe("k", compute, 60) == {"v": 7}
     )
     assert len(computes) == 1
+
+
+def test_apee_stats_shows_each_process_near_cache_size(
+    make_cache: Made, raw_redis: redis.Redis
+) -> None:
+    import json
+    import os
+    from io import StringIO
+
+    import jsonschema
+    from django.core.management import call_command
+
+    from django_apee.store import fleet, gauges
+    from tests.redis.test_apee_stats import SCHEMA
+
+    alias, cache = make_cache(NEAR_CACHE={"MAX_ENTRIES": 100})
+    for n in range(3):
+        cache.set(f"k{n}", "v" * 100, 60)
+        warm(cache, f"k{n}")
+    key = gauges.procs_key(cache.key_prefix, alias)
+    now = int(raw_redis.time()[0])
+    raw_redis.hset(key, "gone:1", json.dumps({"at": now - 3600, "entries": 9}))
+    raw_redis.hset(key, "garbage:2", b"\x80not json")
+    fleet.flush()  # publishes this process's figures with the counts
+
+    out = StringIO()
+    call_command("apee_stats", "--cache", alias, "--json", stdout=out)
+    document = json.loads(out.getvalue())
+    jsonschema.validate(document, SCHEMA)
+    (result,) = document["results"]
+    (mine,) = result["near_processes"]
+    assert mine["process"].endswith(f":{os.getpid()}")
+    assert mine["entries"] == 3
+    assert 0 < mine["bytes"] <= mine["max_bytes"]
+    # The gone process and the unreadable field were deleted.
+    assert raw_redis.hkeys(key) == [mine["process"].encode()]
+    out = StringIO()
+    call_command("apee_stats", "--cache", alias, stdout=out)
+    assert "near caches, 1 processes" in out.getvalue()
+    assert "3 of" in out.getvalue()

@@ -25,6 +25,7 @@ from django_apee.cache import ApeeCache
 from django_apee.conf import apee_aliases
 from django_apee.observe import nodes, stats
 from django_apee.observe.text import printable, redact_url
+from django_apee.store import gauges
 
 #: Exit status when --check finds something (errors reaching Redis exit 1).
 FINDINGS_EXIT = 2
@@ -129,12 +130,16 @@ class Command(BaseCommand):  # type: ignore[misc]
             client = backend.client.get_client(write=True)
             if mode == "overview":
                 parts = nodes.overview_parts(client, backend.key_prefix)
-                return {
+                found = {
                     "alias": alias,
                     "location": location(backend),
                     **parts,
                     "fleet": stats.fleet_counters(client, backend.key_prefix, alias),
                 }
+                near = gauges.read(client, backend.key_prefix, alias)
+                if near:
+                    found["near_processes"] = near
+                return found
             if mode == "key":
                 key, version = options["key"], options["key_version"]
                 made = str(backend.client.make_key(key, version=version))
@@ -336,6 +341,7 @@ def _human_overview(result: dict[str, Any]) -> str:
                 f"{health['evicted_keys']} evicted, {node['leases']['count']} leases",
             )
         )
+    rows += _near_process_rows(result.get("near_processes", ()))
     interval = fleet.get("interval")
     if interval is not None:
         rows.append(
@@ -346,6 +352,34 @@ def _human_overview(result: dict[str, Any]) -> str:
             )
         )
     return table(rows)
+
+
+#: The most processes listed one by one (all are summed).
+NEAR_PROCESSES_SHOWN = 5
+
+
+def _near_process_rows(processes: Any) -> list[tuple[str, Any]]:
+    """Each process's near cache now: the sum, then the largest few."""
+    if not processes:
+        return []
+    entries = sum(p.get("entries", 0) for p in processes)
+    held = sum(p.get("bytes", 0) for p in processes)
+    rows: list[tuple[str, Any]] = [
+        (
+            f"near caches, {len(processes)} processes",
+            f"{entries} entries, {_size(held)}",
+        )
+    ]
+    for found in processes[:NEAR_PROCESSES_SHOWN]:
+        rows.append(
+            (
+                f"  {found['process']}",
+                f"{found.get('entries', 0)} of {found.get('max_entries', '?')} "
+                f"entries, {_size(found.get('bytes'))} of "
+                f"{_size(found.get('max_bytes'))}",
+            )
+        )
+    return rows
 
 
 def _near_rows(
