@@ -19,10 +19,11 @@ the near cache is on (its hits are in process memory already). The writes
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import async_to_sync, sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT
 from django_redis.exceptions import ConnectionInterrupted
 from redis.exceptions import ResponseError
@@ -296,6 +297,10 @@ class AsyncCacheMixin(AsyncWriteMixin):
         """
         engine = self._native()
         if engine is None:
+            if inspect.iscoroutinefunction(default):
+                # The sync method would cache the coroutine it returns: it
+                # runs on this loop instead, from the worker thread.
+                default = async_to_sync(default)
             return await sync_to_async(
                 self.get_or_set_stampede_safe, thread_sensitive=False
             )(

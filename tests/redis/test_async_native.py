@@ -228,12 +228,28 @@ def test_a_redis_error_computes_locally(make_cache):
 
 
 def test_cluster_and_near_cache_keep_the_thread_path(make_cache):
-    """No async twin for the near cache: the sync method runs in a thread."""
+    """No async twin for the near cache: the sync method runs in a thread
+    (a cluster's too, ``tests/faults/test_cluster.py``). An ``async def``
+    compute is still awaited on the loop, not cached as a coroutine."""
     _, cache = make_cache(NEAR_CACHE=True)
     cache.set("n", 1, 60)
     assert cache._native() is None
     assert asyncio.run(cache.aget("n")) == 1
     assert isinstance(cache, ApeeCache)
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def compute() -> str:
+        loops.append(asyncio.get_running_loop())
+        return "awaited"
+
+    async def main() -> tuple[Any, asyncio.AbstractEventLoop]:
+        found = await cache.aget_or_set_stampede_safe("c", compute, 60)
+        return found, asyncio.get_running_loop()
+
+    found, loop = asyncio.run(main())
+    assert found == "awaited"
+    assert loops == [loop]  # on the caller's loop
+    assert cache.get("c") == "awaited"
 
 
 # -- an async view behind uvicorn -------------------------------------------------
