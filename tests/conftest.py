@@ -22,6 +22,7 @@ from django.test import override_settings
 from hypothesis import settings as hypothesis_settings
 
 from django_apee.cache import ApeeCache
+from tests.support import target
 from tests.support.redis_server import RedisServer, session_server
 
 # The machines that run the suite are shared and noisy: a property that takes
@@ -29,6 +30,32 @@ from tests.support.redis_server import RedisServer, session_server
 # speed (benchmarks live in bench/), so no per-example deadline.
 hypothesis_settings.register_profile("apee", deadline=None)
 hypothesis_settings.load_profile("apee")
+
+
+#: Fixtures that give a test a redis-server of its own (or the session's
+#: single server itself) instead of the suite's Redis.
+OWN_SERVERS = frozenset({"own_server", "own_raw", "redis_server"})
+
+
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """On a cluster (APEE_TEST_CLUSTER=1) the ``single_node`` tests are
+    deselected: what they test exists on one server only (the marker's
+    reason says what). So are the tests on a server of their own
+    (``OWN_SERVERS``): they never touch the cluster, and ran already in the
+    single-server run."""
+    if not target.on_cluster():
+        return
+    kept, dropped = [], []
+    for item in items:
+        alone = item.get_closest_marker("single_node") or OWN_SERVERS.intersection(
+            getattr(item, "fixturenames", ())
+        )
+        (dropped if alone else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -72,15 +99,18 @@ def own_raw(own_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def raw_redis(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+def raw_redis() -> Iterator[redis.Redis]:
+    """A plain client of the caches' Redis: the session's server, or with
+    APEE_TEST_CLUSTER=1 a RedisCluster (typed as the server's client: the
+    tests use the commands both have)."""
+    client: Any = target.raw_client(socket_timeout=5)
     yield client
     client.close()
 
 
 @pytest.fixture(autouse=True)
 def _empty_redis(raw_redis: redis.Redis) -> None:
-    raw_redis.flushdb()
+    target.flush(raw_redis)
 
 
 _aliases = itertools.count()
@@ -88,8 +118,10 @@ Made = Callable[..., tuple[str, ApeeCache]]
 
 
 @pytest.fixture
-def make_cache(redis_url: str) -> Iterator[Made]:
-    """``make_cache(**OPTIONS) -> (alias, caches[alias])`` with a fresh alias."""
+def make_cache() -> Iterator[Made]:
+    """``make_cache(**OPTIONS) -> (alias, caches[alias])`` with a fresh alias,
+    on the caches' Redis (``target``: a cluster with APEE_TEST_CLUSTER=1)
+    unless ``location`` names another."""
     with ExitStack() as stack:
 
         def make(location: str | None = None, **options: Any) -> tuple[str, ApeeCache]:
@@ -98,8 +130,8 @@ def make_cache(redis_url: str) -> Iterator[Made]:
                 **settings.CACHES,
                 alias: {
                     "BACKEND": "django_apee.cache.ApeeCache",
-                    "LOCATION": location or redis_url,
-                    "OPTIONS": options,
+                    "LOCATION": location or target.location(),
+                    "OPTIONS": options if location else target.options(options),
                 },
             }
             stack.enter_context(override_settings(CACHES=config))

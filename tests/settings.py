@@ -1,9 +1,10 @@
 """Django settings for the test suite.
 
-Reading it starts the session's private redis-server (or takes ``REDIS_URL``):
-Django loads settings before any conftest runs. The database is an SQLite
-file, not ``:memory:``, so that child processes (multi-process tests) see the
-tables and rows the test process made.
+Reading it starts the session's private redis-server (or takes ``REDIS_URL``),
+and with ``APEE_TEST_CLUSTER=1`` a 6-node Redis Cluster for the caches
+(``tests/support/target.py``): Django loads settings before any conftest
+runs. The database is an SQLite file, not ``:memory:``, so that child
+processes (multi-process tests) see the tables and rows the test process made.
 """
 
 import atexit
@@ -12,8 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from tests.support import target
 from tests.support.redis_server import session_url
 
+#: The session's single server. With APEE_TEST_CLUSTER=1 the caches are on a
+#: cluster instead (``tests/support/target.py``); this one stays for the tests
+#: that need a plain server beside it.
 REDIS_URL = session_url()
 
 
@@ -42,9 +47,7 @@ DATABASES = {
         "TEST": {"NAME": _database_path()},
     }
 }
-CACHES = {
-    "default": {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": REDIS_URL},
-}
+CACHES = {"default": target.cache_config()}
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",

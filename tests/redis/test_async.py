@@ -33,7 +33,7 @@ from django.test import override_settings
 from django_apee.cache import ApeeCache
 from django_apee.core.envelope import Meta
 from django_apee.store import lease
-from tests.support import views
+from tests.support import target, views
 
 CALLERS = 64
 _aliases = itertools.count()
@@ -68,13 +68,14 @@ class Ticker:
 
 
 @pytest.fixture
-def make_cache(redis_url: str) -> Iterator[Callable[[], ApeeCache]]:
-    """``make_cache()`` -> an ApeeCache under a fresh alias on the test Redis."""
+def make_cache() -> Iterator[Callable[[], ApeeCache]]:
+    """``make_cache()`` -> an ApeeCache under a fresh alias on the test Redis
+    (``target``: the cluster with APEE_TEST_CLUSTER=1)."""
     with ExitStack() as stack:
 
         def make() -> ApeeCache:
             alias = f"async-{next(_aliases)}"
-            config = {"BACKEND": "django_apee.cache.ApeeCache", "LOCATION": redis_url}
+            config = target.cache_config()
             stack.enter_context(
                 override_settings(CACHES={**settings.CACHES, alias: config})
             )
@@ -181,8 +182,10 @@ def test_thread_sensitive_thread_stays_free_during_a_lease_wait(make_cache):
     assert held is not None
 
     async def main() -> tuple[bool, Any]:
-        # Coroutines wait on their loop's wake-ups, not on the threads' hub.
-        loop_hub = cache.runtime.acoordinator.loops.get().hub
+        # Coroutines wait on their loop's wake-ups, not on the threads' hub;
+        # on a cluster (no native engine) a worker thread waits on the hub.
+        engine = cache.runtime.acoordinator
+        loop_hub = hub if engine is None else engine.loops.get().hub
         waiter = asyncio.ensure_future(
             cache.aget_or_set_stampede_safe("busy", local, 60)
         )

@@ -19,6 +19,10 @@ from django_apee.cache import ApeeCache
 from django_apee.core.envelope import Meta
 from django_apee.store import lease
 
+#: What the native engine (redis.asyncio) does; a cluster has none, its async
+#: methods run the sync ones in a thread (``tests/faults/test_cluster.py``).
+NATIVE = pytest.mark.single_node("the native async engine is single-node")
+
 COROUTINES = 2000
 COMPUTE_S = 0.3
 
@@ -78,6 +82,7 @@ def held_elsewhere(cache: ApeeCache, key: str) -> tuple[str, lease.Lease]:
     return made, held
 
 
+@NATIVE
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_two_thousand_coroutines_on_a_cold_key(make_cache, kind):
     """One compute, every coroutine gets its value, at most 4 more threads."""
@@ -100,6 +105,7 @@ def test_two_thousand_coroutines_on_a_cold_key(make_cache, kind):
     assert added <= 4
 
 
+@NATIVE
 def test_coroutines_wait_for_another_process_without_threads(make_cache, raw_redis):
     """A lease held elsewhere: 2,000 coroutines wait on the loop's wake-up."""
     _, cache = make_cache()
@@ -183,6 +189,7 @@ def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
+@NATIVE
 def test_each_loop_gets_its_connections_and_closes_them_at_its_end(
     make_cache, raw_redis
 ):
@@ -227,6 +234,7 @@ def test_a_redis_error_computes_locally(make_cache):
     assert asyncio.run(ignored()) == ("default", "local")
 
 
+@pytest.mark.single_node("NEAR_CACHE is refused on a cluster (apee.E010)")
 def test_cluster_and_near_cache_keep_the_thread_path(make_cache):
     """No async twin for the near cache: the sync method runs in a thread
     (a cluster's too, ``tests/faults/test_cluster.py``). An ``async def``
@@ -350,6 +358,7 @@ def test_a_kept_connection_the_server_closed_is_replaced(make_cache, raw_redis):
     assert asyncio.run(main()) == ("v", "v")
 
 
+@NATIVE
 def test_adelete_revokes_the_lease_and_wakes_its_waiters(make_cache, raw_redis):
     """``adelete`` is ``delete``: value and lease go, and a coroutine waiting
     for the revoked lease takes it and computes, instead of waiting it out."""

@@ -34,7 +34,7 @@ from django.http import HttpResponse
 from django.test import Client, override_settings
 from prometheus_client import REGISTRY
 
-from tests.support import views
+from tests.support import target, views
 from tests.support.views import APEE_PAGES, PAGE_TIMEOUT, PLAIN_PAGES, Run
 
 CLIENTS = 32
@@ -45,7 +45,9 @@ REQUEST_TIMEOUT_S = 15.0
 
 @pytest.fixture
 def page_caches(redis_url: str) -> Iterator[None]:
-    """The two page caches: ApeeCache and plain django-redis, same Redis.
+    """The two page caches: ApeeCache and plain django-redis, same Redis
+    (with APEE_TEST_CLUSTER=1 ApeeCache is on the cluster, django-redis, the
+    herd it is compared with, on the session's single server).
 
     ApeeCache's soft timeout is 0.8 of T rather than the default 0.95: the
     re-render must land before the page's cache-header key (never given a
@@ -54,11 +56,7 @@ def page_caches(redis_url: str) -> Iterator[None]:
     timeouts real pages use (minutes) 5 % is seconds.
     """
     page_caches = {
-        APEE_PAGES: {
-            "BACKEND": "django_apee.cache.ApeeCache",
-            "LOCATION": redis_url,
-            "OPTIONS": {"SOFT_TIMEOUT_RATIO": 0.8},
-        },
+        APEE_PAGES: target.cache_config({"SOFT_TIMEOUT_RATIO": 0.8}),
         PLAIN_PAGES: {
             "BACKEND": "django_redis.cache.RedisCache",
             "LOCATION": redis_url,

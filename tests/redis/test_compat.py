@@ -55,6 +55,11 @@ from tests.support.tls_sentinel_servers import (
     tls_unsupported_reason,
 )
 
+# Parity with django-redis's DefaultClient on the same server: django-redis
+# has no cluster client to compare with (Django's own cache tests run on the
+# cluster: tests/conformance/cluster_settings.py).
+pytestmark = pytest.mark.single_node
+
 APEE = "django_apee.cache.ApeeCache"
 ALIAS = "compat"
 MISS = object()

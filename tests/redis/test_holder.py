@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import redis
 from prometheus_client import REGISTRY
 
@@ -20,6 +21,10 @@ from django_apee.store.holder import Identity
 from tests.redis.test_wake_channels import acl_server, admin, configured, unique
 
 __all__ = ["acl_server", "admin"]  # fixtures, used by name
+
+# A client id means something on one node only: on a cluster leases name no
+# holder and a dead one's lease runs out (store/holder.py, docs/howto/cluster.rst).
+pytestmark = pytest.mark.single_node
 
 
 def takeovers(alias: str) -> float:

@@ -32,6 +32,7 @@ from django_apee.core import keys
 from django_apee.core.envelope import Meta
 from django_apee.observe import metrics
 from django_apee.store import fleet, lease
+from tests.support import target
 from tests.support.redis_server import free_port
 
 APEE = "django_apee.cache.ApeeCache"
@@ -40,16 +41,15 @@ _aliases = itertools.count()
 
 
 @pytest.fixture
-def make_cache(redis_url: str) -> Iterator[Any]:
+def make_cache() -> Iterator[Any]:
     with ExitStack() as stack:
 
         def make(location: str | None = None, **options: Any) -> tuple[str, ApeeCache]:
             alias = f"metrics-{os.getpid()}-{next(_aliases)}"
-            config = {
-                **settings.CACHES,
-                alias: {"BACKEND": APEE, "LOCATION": location or redis_url,
-                        "OPTIONS": options},
-            }  # fmt: skip
+            entry = target.cache_config(options)  # the cluster's, or the server's
+            if location:
+                entry = {"BACKEND": APEE, "LOCATION": location, "OPTIONS": options}
+            config = {**settings.CACHES, alias: entry}
             stack.enter_context(override_settings(CACHES=config))
             backend = caches[alias]
             assert isinstance(backend, ApeeCache)
@@ -75,7 +75,9 @@ def made(backend: ApeeCache, key: str) -> str:
 
 def fleet_totals(raw_redis: redis.Redis, backend: ApeeCache, alias: str) -> dict:
     fleet.flush()
-    stored = raw_redis.hgetall(fleet.stats_key(backend.key_prefix, alias))
+    # This process's shard: the only one on one Redis, pid % 16 on a cluster.
+    shard = fleet.shard_for(raw_redis)
+    stored = raw_redis.hgetall(fleet.stats_key(backend.key_prefix, alias, shard))
     found = {k.decode(): int(v) for k, v in stored.items()}
     if found:  # the first flush's Redis time, not a counter
         assert abs(found.pop("_since") - raw_redis.time()[0]) < 600
@@ -186,7 +188,9 @@ def test_minute_bucket_matches_totals_and_expires(make_cache, raw_redis):
     cache.get("x")
     cache.get("y")
     totals = fleet_totals(raw_redis, cache, alias)
-    buckets = raw_redis.keys(fleet.stats_key(cache.key_prefix, alias) + ":m:*")
+    shard = fleet.shard_for(raw_redis)
+    pattern = fleet.stats_key(cache.key_prefix, alias, shard) + ":m:*"
+    buckets = list(raw_redis.scan_iter(match=pattern))  # on every primary
     assert totals == {"misses": 2}
     assert len(buckets) == 1  # a flush lands in one minute (Redis's clock)
     assert {k.decode(): int(v) for k, v in raw_redis.hgetall(buckets[0]).items()} == {
@@ -194,7 +198,7 @@ def test_minute_bucket_matches_totals_and_expires(make_cache, raw_redis):
     }
     assert 0 < raw_redis.ttl(buckets[0]) <= fleet.BUCKET_SECONDS
     assert keys.hash_tag(buckets[0].decode()) == keys.hash_tag(
-        fleet.stats_key(cache.key_prefix, alias)
+        fleet.stats_key(cache.key_prefix, alias, shard)
     )
 
 

@@ -16,6 +16,9 @@ from django_apee.core import MISSING
 from tests.conftest import Made
 from tests.support.near import eventually, plant, warm
 
+# NEAR_CACHE is refused on a cluster (apee.E010): CLIENT TRACKING is per node.
+pytestmark = pytest.mark.single_node
+
 
 def near_of(cache: ApeeCache):  # type: ignore[no-untyped-def]
     near = cache.runtime.near

@@ -40,6 +40,7 @@ from django.utils import translation
 from django.utils.safestring import SafeString
 
 from django_apee.cache import ApeeCache
+from tests.support import target
 from tests.support.children import Child
 from tests.support.render_worker import SPEC_VARIABLE
 
@@ -100,7 +101,7 @@ Aliases = Callable[..., str]
 
 
 @pytest.fixture
-def alias(redis_url: str) -> Iterator[Aliases]:
+def alias() -> Iterator[Aliases]:
     """``alias(**OPTIONS) -> name``: a fresh ApeeCache alias on the test Redis.
 
     ``alias(backend=LOCMEM)`` makes a LocMemCache alias instead.
@@ -112,10 +113,8 @@ def alias(redis_url: str) -> Iterator[Aliases]:
             config: dict[str, Any] = {"BACKEND": backend, "LOCATION": made}
             if backend == APEE:
                 config = {
-                    "BACKEND": APEE,
-                    "LOCATION": redis_url,
+                    **target.cache_config(options),
                     "KEY_PREFIX": made,  # apart from "default"'s entries
-                    "OPTIONS": options,
                 }
             stack.enter_context(
                 override_settings(CACHES={**settings.CACHES, made: config})
@@ -454,7 +453,7 @@ Fleet = Callable[..., tuple[str, list[dict[str, Any]]]]
 
 
 @pytest.fixture
-def fleet(redis_url: str) -> Iterator[Fleet]:
+def fleet() -> Iterator[Fleet]:
     """``fleet(template, options, counter, before_go) -> (alias, outcomes)``.
 
     Starts ``PROCESSES`` workers of ``THREADS`` threads on a fresh ApeeCache
@@ -472,7 +471,7 @@ def fleet(redis_url: str) -> Iterator[Fleet]:
             before_go: Callable[[str], None] = lambda name: None,
         ) -> tuple[str, list[dict[str, Any]]]:
             name = f"fleet-{next(_aliases)}-{os.getpid()}"
-            config = {"BACKEND": APEE, "LOCATION": redis_url, "OPTIONS": options}
+            config = target.cache_config(options)
             stack.enter_context(
                 override_settings(CACHES={**settings.CACHES, name: config})
             )

@@ -30,6 +30,7 @@ from django_apee.cache import ApeeCache
 from django_apee.checks import check_wake_channel
 from django_apee.core.envelope import Meta
 from django_apee.store import fleet, lease
+from django_apee.store.shardwake import sharded
 from django_apee.store.wake import acl_rule, wake_channel
 from tests.redis.test_stampede import (
     Background,
@@ -39,6 +40,7 @@ from tests.redis.test_stampede import (
     metric,
     wait_for,
 )
+from tests.support import target
 from tests.support.redis_server import RedisServer, free_port
 
 APEE = "django_apee.cache.ApeeCache"
@@ -52,21 +54,26 @@ def unique(name: str) -> str:
 
 @contextmanager
 def configured(
-    location: str, prefixes: dict[str, str], **options: Any
+    location: str | None, prefixes: dict[str, str], **options: Any
 ) -> Iterator[dict[str, ApeeCache]]:
-    """``caches[alias]`` for each alias -> KEY_PREFIX, set in one go.
+    """``caches[alias]`` for each alias -> KEY_PREFIX, set in one go; on
+    ``location``, or (None) the suite's Redis (``target``: the cluster with
+    APEE_TEST_CLUSTER=1).
 
     One ``override_settings`` for all: each override drops the runtimes and
     Django's backends, so aliases added one by one would not coexist.
     """
     config = dict(settings.CACHES)
     for alias, prefix in prefixes.items():
-        config[alias] = {
-            "BACKEND": APEE,
-            "LOCATION": location,
-            "KEY_PREFIX": prefix,
-            "OPTIONS": options,
-        }
+        if location is None:
+            config[alias] = {**target.cache_config(options), "KEY_PREFIX": prefix}
+        else:
+            config[alias] = {
+                "BACKEND": APEE,
+                "LOCATION": location,
+                "KEY_PREFIX": prefix,
+                "OPTIONS": options,
+            }
     with override_settings(CACHES=config):
         yield {alias: caches[alias] for alias in prefixes}
 
@@ -96,27 +103,35 @@ def record_wakes(cache: ApeeCache, monkeypatch: pytest.MonkeyPatch) -> list[str]
 # -- one channel per KEY_PREFIX -----------------------------------------------------
 
 
-def test_the_wake_channel_is_named_after_the_key_prefix(redis_url):
+def test_the_wake_channel_is_named_after_the_key_prefix():
     prefix = unique("named")
-    with configured(redis_url, {"wake-named": prefix}) as made:
+    with configured(None, {"wake-named": prefix}) as made:
         cache = made["wake-named"]
         assert wake_channel(prefix) == f"django_apee:wake:{prefix}"
-        assert cache.runtime.hub.channel == wake_channel(prefix)
-        assert cache.client.wake_channel == wake_channel(prefix)
+        # On a cluster, marked for the scripts to SPUBLISH in each key's slot.
+        expected = sharded(wake_channel(prefix)) if target.on_cluster() else None
+        assert cache.runtime.hub.channel == (expected or wake_channel(prefix))
+        assert cache.client.wake_channel == (expected or wake_channel(prefix))
 
 
-def test_wake_ups_do_not_cross_key_prefixes(redis_url, raw_redis, monkeypatch):
+def test_wake_ups_do_not_cross_key_prefixes(raw_redis, monkeypatch):
     """Two apps on one Redis: neither hears the other's key names, each is
     woken by its own releases."""
     a_prefix, b_prefix = unique("app-a"), unique("app-b")
     prefixes = {"wake-a": a_prefix, "wake-b": b_prefix}
-    with configured(redis_url, prefixes) as made:
+    with configured(None, prefixes) as made:
         a, b = made["wake-a"], made["wake-b"]
         assert a.runtime.hub.channel != b.runtime.hub.channel
         heard_by_a = record_wakes(a, monkeypatch)
-        everything = raw_redis.pubsub()
-        everything.psubscribe("django_apee:wake*")
-        assert everything.get_message(timeout=2)["type"] == "psubscribe"
+        # Each cache's channel for "k": one per prefix, or on a cluster the
+        # shard channel in each made key's slot.
+        channel_a, channel_b = (
+            one.runtime.hub.channel_of(str(one.client.make_key("k")))
+            if target.on_cluster()
+            else wake_channel(prefix)
+            for one, prefix in ((a, a_prefix), (b, b_prefix))
+        )
+        everything, heard = overhear(raw_redis, [channel_a, channel_b])
 
         a_held = hold_lease(a, "k", 5000)
         waiter = Background(
@@ -141,19 +156,52 @@ def test_wake_ups_do_not_cross_key_prefixes(redis_url, raw_redis, monkeypatch):
         assert heard_by_a == [str(a.client.make_key("k"))]
 
         published = []
-        while (message := everything.get_message(timeout=0.5)) is not None:
+        while (message := heard()) is not None:
             published.append((message["channel"].decode(), message["data"].decode()))
         everything.close()
-        assert published == [
-            (wake_channel(b_prefix), str(b.client.make_key("k"))),
-            (wake_channel(a_prefix), str(a.client.make_key("k"))),
-        ]
+        # Sorted: on a cluster the two channels may live on two nodes, read
+        # in turn (the order of the releases is asserted above).
+        assert sorted(published) == sorted(
+            [
+                (channel_b, str(b.client.make_key("k"))),
+                (channel_a, str(a.client.make_key("k"))),
+            ]
+        )
 
 
-def test_aliases_with_one_key_prefix_share_wake_ups(redis_url):
+def overhear(raw: Any, channels: list[str]) -> tuple[Any, Any]:
+    """A pub/sub of ``raw`` that hears ``channels``' messages and a reader of
+    the next one (None after 0.5 s): every wake channel by pattern on one
+    Redis, the shard channels themselves on a cluster (a pattern does not
+    hear SPUBLISH)."""
+    listener = raw.pubsub()
+    if not target.on_cluster():
+        listener.psubscribe("django_apee:wake*")
+        assert listener.get_message(timeout=2)["type"] == "psubscribe"
+        return listener, lambda: listener.get_message(timeout=0.5)
+    listener.ssubscribe(*channels)
+    confirmed = 0
+    deadline = time.monotonic() + 2
+    while confirmed < len(channels) and time.monotonic() < deadline:
+        message = listener.get_sharded_message(timeout=0.1)
+        confirmed += message is not None and message["type"] == "ssubscribe"
+    assert confirmed == len(channels)
+
+    def heard() -> Any:
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            message = listener.get_sharded_message(timeout=0.05)
+            if message is not None:
+                return message
+        return None
+
+    return listener, heard
+
+
+def test_aliases_with_one_key_prefix_share_wake_ups():
     """Same prefix, same keys: one alias's release wakes the other's waiter."""
     prefix = unique("shared")
-    with configured(redis_url, {"wake-1": prefix, "wake-2": prefix}) as made:
+    with configured(None, {"wake-1": prefix, "wake-2": prefix}) as made:
         one, two = made["wake-1"], made["wake-2"]
         assert one.runtime.hub.channel == two.runtime.hub.channel
         held = hold_lease(one, "k", 5000)
@@ -367,8 +415,8 @@ def test_deploy_check_with_username_and_password_options(acl_server, admin):
         assert w006("acl-options") == []
 
 
-def test_deploy_check_passes_a_user_with_every_channel(redis_url):
-    with configured(redis_url, {"all-channels": unique("all")}):
+def test_deploy_check_passes_a_user_with_every_channel():
+    with configured(None, {"all-channels": unique("all")}):
         assert w006("all-channels") == []
 
 

@@ -27,11 +27,9 @@ def main() -> None:
     from django.conf import settings
     from django.core.cache import caches
 
-    settings.CACHES["herd"] = {
-        "BACKEND": "django_apee.cache.ApeeCache",
-        "LOCATION": settings.REDIS_URL,
-        "OPTIONS": job["options"],
-    }
+    from tests.support import target
+
+    settings.CACHES["herd"] = target.cache_config(job["options"])
     counter = job["counter"]
     raw = caches["herd"].client.get_client(write=True)
     raw.incr(job["ready"])

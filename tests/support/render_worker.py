@@ -36,11 +36,9 @@ SPEC_VARIABLE = "APEE_RENDER_SPEC"
 
 
 def cache_config(options: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "BACKEND": "django_apee.cache.ApeeCache",
-        "LOCATION": os.environ["APEE_TEST_REDIS_URL"],
-        "OPTIONS": options,
-    }
+    from tests.support import target
+
+    return target.cache_config(options)
 
 
 class Probe:
@@ -87,7 +85,6 @@ def main() -> None:
     import django
 
     django.setup()
-    import redis
     from django.conf import settings
     from django.template.loader import get_template
     from django.test.utils import override_settings
@@ -95,7 +92,9 @@ def main() -> None:
     alias = spec["alias"]
     caches_setting = {**settings.CACHES, alias: cache_config(spec["options"])}
     override_settings(CACHES=caches_setting).enable()
-    raw = redis.Redis.from_url(os.environ["APEE_TEST_REDIS_URL"], socket_timeout=10)
+    from tests.support import target
+
+    raw = target.raw_client(socket_timeout=10)
     template = get_template(spec["template"])
     context = {
         "alias": alias,

@@ -66,11 +66,15 @@ def metric_values(alias: str) -> dict[str, float]:
 
 
 def cache_config(spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "BACKEND": "django_apee.cache.ApeeCache",
-        "LOCATION": spec.get("location") or os.environ["APEE_TEST_REDIS_URL"],
-        "OPTIONS": spec.get("options", {}),
-    }
+    from tests.support import target
+
+    if spec.get("location"):  # a deployment of the test's own, as given
+        return {
+            "BACKEND": "django_apee.cache.ApeeCache",
+            "LOCATION": spec["location"],
+            "OPTIONS": spec.get("options", {}),
+        }
+    return target.cache_config(spec.get("options", {}))
 
 
 def main() -> None:
@@ -86,7 +90,6 @@ def main() -> None:
     import django
 
     django.setup()
-    import redis
     from django.conf import settings
     from django.core.cache import caches
     from django.test.utils import override_settings
@@ -95,7 +98,9 @@ def main() -> None:
 
     alias = spec["alias"]
     override_settings(CACHES={**settings.CACHES, alias: cache_config(spec)}).enable()
-    raw = redis.Redis.from_url(os.environ["APEE_TEST_REDIS_URL"], socket_timeout=10)
+    from tests.support import target
+
+    raw = target.raw_client(socket_timeout=10)
     counter = spec["counter"]
     compute_s = float(spec["compute_s"])
     answer = spec.get("answer", "computed")
