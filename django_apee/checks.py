@@ -10,7 +10,8 @@ Redis as unreachable. Its socket timeouts and ``REDIS_RETRIES`` bound them
 (1 s to connect, 2 s to answer, no retry by default). ``apee.W001``/``W002``
 ask Redis how it is configured (``observe.server.lint``); a Redis that cannot
 be reached is a warning saying so, never an exception. ``apee.W006`` asks
-whether the alias's user may use its wake-up channel.
+whether the alias's user may use its wake-up channel (on a cluster with
+sharded pub/sub, its shard channels).
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ from redis.exceptions import NoPermissionError
 from django_apee.client import client_class
 from django_apee.cluster import ApeeClusterClient, cluster_problems
 from django_apee.conf import apee_aliases, parse, utc_today
+from django_apee.core.keys import slot_channel
+from django_apee.store.slots import supports_sharded_pubsub
 from django_apee.store.wake import CHANNEL_PREFIX, acl_rule, acl_user, wake_channel
 
 #: How long the wake-channel check waits for its SUBSCRIBE to be confirmed (s).
 LIVE_TIMEOUT = 1.0
+#: The key whose shard channel the check tries on a cluster (any would do).
+PROBE_KEY = "apee-check"
 
 
 def register() -> None:
@@ -158,28 +163,47 @@ def _client(alias: str) -> Any:
 def check_wake_channel(**kwargs: Any) -> list[checks.CheckMessage]:
     """apee.W006: the alias's Redis user may not use its wake-up channel.
 
-    Asked through the backend's own connection (``_client``). A Redis
-    that cannot be reached, or bad OPTIONS, are other checks' business
-    (apee.W001, E001): skipped here.
+    On a cluster whose primaries have sharded pub/sub (Redis/Valkey 7+) the
+    wake-ups go by SSUBSCRIBE/SPUBLISH on a channel per hash slot
+    (``store/shardwake.py``): those are tried, on one of the prefix's shard
+    channels, and the hint grants them all. Asked through the backend's own
+    connection (``_client``). A Redis that cannot be reached, or bad
+    OPTIONS, are other checks' business (apee.W001, E001): skipped here.
     """
     found: list[checks.CheckMessage] = []
     for alias in _apee_caches():
+        sharded = False
         try:
-            channel = wake_channel(caches[alias].key_prefix)
+            backend = caches[alias]
+            channel = wake_channel(backend.key_prefix)
             client = _client(alias)
-            denied = _denied_on(client, channel)
+            sharded = isinstance(
+                backend.client, ApeeClusterClient
+            ) and supports_sharded_pubsub(client)
+            if sharded:
+                made = str(backend.client.make_key(PROBE_KEY))
+                denied = _shard_denied_on(client, slot_channel(made, channel))
+            else:
+                denied = _denied_on(client, channel)
         except Exception:  # unreachable, misconfigured: said elsewhere
             denied = []
         if denied:
             user = acl_user(client)
+            where = (
+                f"the wake-up channels '*|{channel}' (sharded pub/sub: one "
+                "per hash slot)"
+                if sharded
+                else f"the wake-up channel {channel!r}"
+            )
+            every = f"*|{CHANNEL_PREFIX}*" if sharded else f"{CHANNEL_PREFIX}*"
             found.append(
                 checks.Warning(
                     f"the Redis user {user!r} may not {' or '.join(denied)} on "
-                    f"the wake-up channel {channel!r}: waiters are not woken "
-                    "when a computation ends and wait to its lease's end "
-                    "(slower, never wrong).",
-                    hint=f"Grant it: {acl_rule(channel, user)} "
-                    f"(or &{CHANNEL_PREFIX}* for every prefix).",
+                    f"{where}: waiters are not woken when a computation ends "
+                    "and wait to its lease's end (slower, never wrong).",
+                    hint=f"Grant it: {acl_rule(channel, user, sharded=sharded)} "
+                    f"(or &{every} for every prefix)"
+                    + (", on every node." if sharded else "."),
                     obj=alias,
                     id="apee.W006",
                 )
@@ -210,6 +234,30 @@ def _denied_on(client: Any, channel: str) -> list[str]:
         client.publish(channel, "")
     except NoPermissionError:
         denied.append("PUBLISH")
+    return denied
+
+
+def _shard_denied_on(cluster: Any, channel: str) -> list[str]:
+    """Which of SSUBSCRIBE and SPUBLISH a cluster's user is refused on the
+    shard ``channel`` (tried for real, as ``_denied_on``: the empty message
+    wakes nobody). Errors other than NOPERM propagate."""
+    denied: list[str] = []
+    pubsub = cluster.pubsub()
+    try:
+        pubsub.ssubscribe(channel)
+        deadline = time.monotonic() + LIVE_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0:
+            message = pubsub.get_sharded_message(timeout=left)  # NOPERM raises
+            if message is not None and message["type"] == "ssubscribe":
+                break
+    except NoPermissionError:
+        denied.append("SSUBSCRIBE")
+    finally:
+        pubsub.close()
+    try:
+        cluster.spublish(channel, "")
+    except NoPermissionError:
+        denied.append("SPUBLISH")
     return denied
 
 

@@ -40,9 +40,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import NoPermissionError
+
 from django_apee.core.keys import slot_channel
 from django_apee.core.process import ProcessThread
-from django_apee.store.wake import WakeHub
+from django_apee.store.wake import WakeHub, warn_denied
 
 if TYPE_CHECKING:
     from redis.cluster import RedisCluster
@@ -144,6 +146,8 @@ class ShardWakeHub(WakeHub):
         while not self._closed.is_set():
             try:
                 self._listen()
+            except NoPermissionError:
+                warn_denied(self._base, self._connect, sharded=True)
             except Exception:
                 logger.debug("django_apee: shard wake-ups lost", exc_info=True)
             if self._closed.is_set():

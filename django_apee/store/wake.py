@@ -63,13 +63,21 @@ def wake_channel(key_prefix: str) -> str:
     return f"{CHANNEL_PREFIX}{key_prefix}"
 
 
-def acl_rule(channel: str, user: str | None = None) -> str:
+def acl_rule(channel: str, user: str | None = None, *, sharded: bool = False) -> str:
     """The ``ACL SETUSER`` line that lets ``user`` use ``channel``.
 
     ACL channel rules are glob patterns: glob characters in the prefix are
-    escaped so the rule grants exactly this channel.
+    escaped so the rule grants exactly this channel. ``sharded``: the shard
+    channels of ``channel`` on a cluster, one per hash slot, named
+    ``{<hash tag>}|<channel>`` (``keys.slot_channel``), and the sharded
+    pub/sub commands (``store/shardwake.py``).
     """
     pattern = _GLOB_SPECIALS.sub(r"\\\1", channel)
+    if sharded:
+        return (
+            f"ACL SETUSER {user or '<user>'} &*|{pattern} "
+            "+spublish +ssubscribe +sunsubscribe"
+        )
     return f"ACL SETUSER {user or '<user>'} &{pattern} +publish +subscribe"
 
 
@@ -176,8 +184,11 @@ def pause_after_failure(previous: float, was_subscribed: bool) -> float:
     return min(previous * 2, MAX_BACKOFF_S)
 
 
-def warn_denied(channel: str, connect: Callable[[], Redis]) -> None:
-    """The ACL refuses ``channel``: say how to fix it, once a minute."""
+def warn_denied(
+    channel: str, connect: Callable[[], Redis], *, sharded: bool = False
+) -> None:
+    """The ACL refuses ``channel`` (``sharded``: its shard channels, to
+    SSUBSCRIBE): say how to fix it, once a minute."""
     if not NOPERM_LOG.due(channel):
         logger.debug("django_apee: subscription to %r refused (NOPERM)", channel)
         return
@@ -186,11 +197,14 @@ def warn_denied(channel: str, connect: Callable[[], Redis]) -> None:
     except Exception:
         user = None
     logger.warning(
-        "django_apee: the Redis user may not SUBSCRIBE to %r (NOPERM): "
+        "django_apee: the Redis user may not %s to %r (NOPERM): "
         "waiters are not woken when a computation ends and wait to its "
         "lease's end instead (slower, never wrong). Grant the channel: %s",
+        "SSUBSCRIBE (sharded pub/sub, a channel per hash slot)"
+        if sharded
+        else "SUBSCRIBE",
         channel,
-        acl_rule(channel, user),
+        acl_rule(channel, user, sharded=sharded),
     )
 
 

@@ -27,7 +27,7 @@ from django.test import override_settings
 
 from django_apee.cluster import CrossSlotKey
 from django_apee.core.keys import LEASE, companion
-from tests.support.deployments import ClusterDeployment
+from tests.support.deployments import ClusterDeployment, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -248,6 +248,59 @@ def test_deploy_checks_look_at_a_cluster_without_failing(cluster_alias):
         found = checks.check_redis() + checks.check_wake_channel()
     assert "apee.W001" not in [message.id for message in found], found
     assert "apee.W006" not in [message.id for message in found], found
+
+
+def test_a_user_denied_the_shard_channels_is_warned_with_the_rule_that_fixes_it(
+    cluster, cluster_alias, caplog
+):
+    """apee.W006 on a cluster: a user allowed the single-server wake-up
+    channels (PUBLISH/SUBSCRIBE on ``django_apee:wake:*``) but not the
+    shard channels the cluster's wake-ups use is warned, the warning names
+    SSUBSCRIBE and SPUBLISH, and its hint, run on every node, clears it.
+    The sharded wake-up thread, refused, logs the same rule."""
+    import logging
+
+    from django_apee import checks
+    from django_apee.store.wake import acl_rule, wake_channel
+
+    user, prefix = f"w6{uuid.uuid4().hex[:6]}", f"acl{uuid.uuid4().hex[:6]}"
+
+    def on_every_node(*command: str) -> None:
+        for node in cluster.live:
+            with node.client() as client:
+                client.execute_command(*command)
+
+    def w006() -> list[Any]:
+        return [m for m in checks.check_wake_channel() if m.id == "apee.W006"]
+
+    on_every_node(
+        "ACL", "SETUSER", user, "on", ">pw", "~*", "+@all",
+        "resetchannels", "&django_apee:wake:*",
+    )  # fmt: skip
+    try:
+        alias = cluster_alias(
+            KEY_PREFIX=prefix, OPTIONS={"USERNAME": user, "PASSWORD": "pw"}
+        )
+        with override_settings(CACHES={alias: settings.CACHES[alias]}):
+            (warning,) = w006()
+            assert warning.obj == alias
+            assert "may not SSUBSCRIBE or SPUBLISH" in warning.msg
+            assert f"'*|django_apee:wake:{prefix}'" in warning.msg
+            rule = acl_rule(wake_channel(prefix), user, sharded=True)
+            assert rule in warning.hint
+            cache = caches[alias]
+            made = str(cache.client.make_key("k"))
+            with caplog.at_level(logging.WARNING, logger="django_apee"):
+                cache.runtime.hub.done(made, cache.runtime.hub.expect(made))
+                wait_until(
+                    lambda: any(rule in r.getMessage() for r in caplog.records),
+                    5,
+                    "the wake-up thread's NOPERM warning",
+                )
+            on_every_node(*rule.split())
+            assert w006() == []
+    finally:
+        on_every_node("ACL", "DELUSER", user)
 
 
 def test_a_cluster_nobody_answers_fails_open(settings):

@@ -466,15 +466,28 @@ def test_a_denied_publish_from_another_thread_does_not_disturb_the_hub(
 # -- the documented ACL rule (docs/howto/acl.rst) ------------------------------------
 
 
-def documented_acl_lines() -> list[list[str]]:
-    page = Path(__file__).resolve().parents[2] / "docs" / "howto" / "acl.rst"
+ACL_PAGE = Path(__file__).resolve().parents[2] / "docs" / "howto" / "acl.rst"
+
+
+def documented_acl_lines(cluster: bool = False) -> list[list[str]]:
+    """The page's ``ACL SETUSER shop`` lines: one server's rule (3 lines),
+    or (``cluster``) the line a cluster adds for its shard channels."""
     lines = [
         line.split()
-        for line in page.read_text().splitlines()
+        for line in ACL_PAGE.read_text().splitlines()
         if line.strip().startswith("ACL SETUSER shop ")
+        and ("+ssubscribe" in line) == cluster
     ]
-    assert len(lines) == 3
+    assert len(lines) == (1 if cluster else 3)
     return [[w.replace("<password>", "pw") for w in line[2:]] for line in lines]
+
+
+def test_the_documented_cluster_acl_rule_is_the_one_w006_gives():
+    """The page's cluster line is what apee.W006's hint says (that hint, run
+    on every node of a cluster, clears the warning: tests/faults/test_cluster.py)."""
+    (line,) = documented_acl_lines(cluster=True)
+    rule = acl_rule(wake_channel("shop"), "shop", sharded=True)
+    assert " ".join(["ACL", "SETUSER", *line]) == rule
 
 
 def test_the_documented_acl_rule_is_enough(acl_server, admin):
