@@ -5,9 +5,12 @@ shows nothing of what django-apee decided. This panel lists, per request,
 each stampede-safe call (``get_or_set_stampede_safe``, ``@stampede_safe``,
 ``cache.get_or_set``, ``{% apee_cache %}``): its key, the state the entry was
 in (fresh, early, stale, or a miss), whether this request hit, missed and
-waited, or computed, and every lease wait with its time. Herd decisions of
-plain ``get`` calls (a herd miss won, a wait for another reader's write) are
-listed below the calls.
+waited, or computed, and every wait with its time (for another process's
+lease, or for this process's own computation of the key). Herd decisions of
+plain ``get`` calls are listed below the calls, each with its key, the
+entry's state (early, stale, expired, absent), what the reader got (a herd
+miss: it won the lease and writes; served, the refresh claimed by another
+reader; waited for another reader's write; ...) and how long it waited.
 
 It reads ``observe/trace.py``, which the engine's event sink feeds; nothing
 is patched. Enable it::
@@ -51,7 +54,11 @@ class ApeePanel(Panel):  # type: ignore[misc]
         calls = stats.get("calls", [])
         computed = sum(1 for c in calls if c["outcome"] == "compute")
         waits = sum(len(c["waits"]) for c in calls)
-        return f"{len(calls)} calls, {computed} computed, {waits} lease waits"
+        herd = len(stats.get("herd", []))
+        return (
+            f"{len(calls)} calls, {computed} computed, {waits} waits, "
+            f"{herd} herd decisions"
+        )
 
     def enable_instrumentation(self) -> None:
         trace.enable()  # runtimes built from now on record (see the docstring)
@@ -70,17 +77,33 @@ class ApeePanel(Panel):  # type: ignore[misc]
                         "key": c.key,
                         "state": c.state,
                         "outcome": c.outcome,
-                        "waits": c.waits,
+                        "waits": [_ms(w) for w in c.waits]
+                        + [f"{_ms(w)} in process" for w in c.process_waits],
                         "seconds": c.seconds,
                         "steps": [s for s, _ in c.steps],
                     }
                     for c in recording.calls
                 ],
                 "herd": [
-                    {"alias": alias, "step": step, "seconds": value}
-                    for alias, step, value in recording.loose
-                    if step in ("herd_miss", "lease_wait", "lease_lost")
-                    or step.startswith("fallback:")
+                    {
+                        "alias": d.alias,
+                        "key": d.key,
+                        "state": d.state,
+                        "decision": d.decision,
+                        "waited": _ms(d.waited) if d.waited else "",
+                    }
+                    for d in recording.decisions
+                ],
+                # Unkeyed: a herd winner's write that found a newer value,
+                # fallbacks (a cold wait's timeout is a decision row already).
+                "other": [
+                    {"alias": alias, "step": step}
+                    for alias, step, _ in recording.loose
+                    if step == "lease_lost"
+                    or (
+                        step.startswith("fallback:")
+                        and step != "fallback:cold_wait_timeout"
+                    )
                 ],
             }
         )
@@ -90,6 +113,7 @@ class ApeePanel(Panel):  # type: ignore[misc]
         stats = self.get_stats()
         calls = stats.get("calls", [])
         herd = stats.get("herd", [])
+        other = stats.get("other", [])
         rows = format_html_join(
             "",
             "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td>"
@@ -100,7 +124,7 @@ class ApeePanel(Panel):  # type: ignore[misc]
                     c["key"],
                     c["state"],
                     c["outcome"],
-                    ", ".join(_ms(w) for w in c["waits"]) or "none",
+                    ", ".join(c["waits"]) or "none",
                     _ms(c["seconds"]),
                     " ".join(c["steps"]),
                 )
@@ -109,28 +133,32 @@ class ApeePanel(Panel):  # type: ignore[misc]
         )
         herd_rows = format_html_join(
             "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td>"
+            "<td>{}</td></tr>",
             (
-                (
-                    h["alias"],
-                    h["step"],
-                    "" if h["seconds"] is None else _ms(h["seconds"]),
-                )
+                (h["alias"], h["key"], h["state"], h["decision"], h["waited"])
                 for h in herd
             ),
+        )
+        other_rows = format_html_join(
+            "",
+            "<tr><td>{}</td><td></td><td></td><td>{}</td><td></td></tr>",
+            ((o["alias"], o["step"]) for o in other),
         )
         return str(
             format_html(
                 "<h4>Stampede-safe calls ({})</h4>"
                 "<table><thead><tr><th>Cache</th><th>Key</th><th>State</th>"
-                "<th>Result</th><th>Lease waits</th><th>Time</th><th>Events</th>"
+                "<th>Result</th><th>Waits</th><th>Time</th><th>Events</th>"
                 "</tr></thead><tbody>{}</tbody></table>"
                 "<h4>Herd decisions of plain gets ({})</h4>"
-                "<table><thead><tr><th>Cache</th><th>Decision</th><th>Time</th>"
-                "</tr></thead><tbody>{}</tbody></table>",
+                "<table><thead><tr><th>Cache</th><th>Key</th><th>State</th>"
+                "<th>Decision</th><th>Waited</th></tr></thead>"
+                "<tbody>{}{}</tbody></table>",
                 len(calls),
                 rows,
                 len(herd),
                 herd_rows,
+                other_rows,
             )
         )

@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from django_apee.core import MISSING, policy
+from django_apee.core import MISSING, decisions, policy
 from django_apee.core.memo import ExpiringMemo
 from django_apee.engine.waiting import Landed, TimedOut, Waiting, Won
 from django_apee.store import lease
@@ -66,6 +66,9 @@ ABSENT_MEMORY_S = 60.0
 LEASE_UNKNOWN = -3
 #: An absent key: ``(made key, key, its lease's PTTL or LEASE_UNKNOWN)``.
 Absent = tuple[str, Any, int]
+#: A servable entry one reader may have to recompute: its row, value,
+#: metadata and state (``early`` or ``stale``).
+Contested = tuple["Row", Any, "Meta", policy.State]
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,8 @@ class Herd:
         is held is being computed, and is waited for.
         """
         found, contested, absent = self.sort(rows)
-        for row, value, meta in contested:
-            if not self.contend(row.made, row.raw, meta, row.pttl_ms):  # type: ignore[arg-type]
+        for row, value, meta, state in contested:
+            if not self.contend(row.made, row.raw, meta, row.pttl_ms, state):  # type: ignore[arg-type]
                 found[row.key] = value
         if absent and self.waits():
             found.update(self.wait_for(absent))
@@ -145,12 +148,12 @@ class Herd:
 
     def sort(
         self, rows: list[Row]
-    ) -> tuple[dict[Any, Any], list[tuple[Row, Any, Meta]], list[Absent]]:
+    ) -> tuple[dict[Any, Any], list[Contested], list[Absent]]:
         """Sort ``rows`` into values to serve, values one reader may have to
         recompute (herd mode: the reader that wins their lease misses), and
         keys absent or as good as absent (perhaps being computed)."""
         found: dict[Any, Any] = {}
-        contested: list[tuple[Row, Any, Meta]] = []
+        contested: list[Contested] = []
         absent: list[Absent] = []
         for row in rows:
             if not row.raw:
@@ -175,14 +178,18 @@ class Herd:
             # timeout) are refreshed by its callers, in the background: a
             # plain get serves them up to their timeout. Herd mode is for
             # what plain set wrote.
-            if (
-                state is not policy.State.FRESH
-                and meta.soft_ms == 0
-                and self.stale_misses
-                and not self.excluded(row.key)
-            ):
-                contested.append((row, value, meta))
-                continue
+            if state is not policy.State.FRESH and self.stale_misses:
+                if meta.soft_ms == 0 and not self.excluded(row.key):
+                    contested.append((row, value, meta, state))
+                    continue
+                self.events.decided(
+                    row.made,
+                    state.value,
+                    decisions.SERVED_EXCLUDED
+                    if meta.soft_ms == 0
+                    else decisions.SERVED_STAMPEDE_SAFE,
+                    0.0,
+                )
             found[row.key] = value
         return found, contested, absent
 
@@ -192,7 +199,9 @@ class Herd:
 
     # -- stale and early entries ------------------------------------------------
 
-    def contend(self, made: str, raw: bytes, meta: Meta, read_pttl: int) -> bool:
+    def contend(
+        self, made: str, raw: bytes, meta: Meta, read_pttl: int, state: policy.State
+    ) -> bool:
         """Try to win the lease of a servable entry; True: this reader misses.
 
         False (serve the value) when this process already won it, another
@@ -202,12 +211,35 @@ class Herd:
         """
         now = time.monotonic()
         if self.claimed(made, now):
-            return False
+            return self.contended(made, state, None, None, claimed=True)
         attempt = self.waiting.try_lease(made, self.lease_ms(meta), hash(raw), now)
         held = self.won(made, raw, read_pttl, attempt, now)
         if held is not None:  # won, but rewritten meanwhile: give it back
             self.waiting.release_quietly(held)
-        return attempt is not None and attempt.lease is not None and held is None
+        return self.contended(made, state, attempt, held)
+
+    def contended(
+        self,
+        made: str,
+        state: policy.State,
+        attempt: lease.Attempt | None,
+        held: lease.Lease | None,
+        *,
+        claimed: bool = False,
+    ) -> bool:
+        """How a contest for ``made``'s lease ended (reported to the events'
+        trace); True: this reader misses and writes the next value."""
+        misses = attempt is not None and attempt.lease is not None and held is None
+        if claimed:
+            decision = decisions.SERVED_CLAIMED
+        elif misses:
+            decision = decisions.HERD_MISS
+        elif held is not None:
+            decision = decisions.SERVED_REWRITTEN
+        else:
+            decision = decisions.SERVED_HELD
+        self.events.decided(made, state.value, decision, 0.0)
+        return misses
 
     def lease_ms(self, meta: Meta) -> int:
         """The lease a reader takes to recompute an entry written with ``meta``."""
@@ -259,13 +291,13 @@ class Herd:
         """
         deadline = self.deadline()
         landed: dict[Any, Any] = {}
-        for made, key in self.to_wait(absent):
+        for made, key, state in self.to_wait(absent):
             try:
                 outcome = self.waiting.wait(made, self.rules.default_lease_ms, deadline)
             except REDIS_ERRORS:
                 self.events.redis_errors.inc()
                 break
-            value = self.waited(made, outcome)
+            value = self.waited(made, outcome, state)
             if value is not MISSING:
                 landed[key] = value
         return landed
@@ -275,31 +307,40 @@ class Herd:
         cold_wait = self.tuning.cold_miss_wait
         return time.monotonic() + (cold_wait or self.tuning.wait_timeout)
 
-    def to_wait(self, absent: list[Absent]) -> Iterator[tuple[str, Any]]:
-        """The absent keys worth waiting for, as ``(made key, key)``."""
+    def to_wait(self, absent: list[Absent]) -> Iterator[tuple[str, Any, str]]:
+        """The absent keys worth waiting for, as ``(made key, key, state)``,
+        the state ``expired`` (read past its timeout) or ``absent``."""
         for made, key, lease_pttl in absent:
             # Being computed (or perhaps: expired just now), or cold-waiting.
             if lease_pttl == -2 and not self.tuning.cold_miss_wait:
                 continue
-            if self.excluded(key) or self._absent.get(made, time.monotonic()):
-                continue
-            yield made, key
+            state = "expired" if lease_pttl == LEASE_UNKNOWN else "absent"
+            if self.excluded(key):
+                self.events.decided(made, state, decisions.MISS_EXCLUDED, 0.0)
+            elif self._absent.get(made, time.monotonic()):
+                self.events.decided(made, state, decisions.MISS_ABSENT, 0.0)
+            else:
+                yield made, key, state
 
-    def waited(self, made: str, outcome: Landed | Won | TimedOut) -> Any:
-        """The value a wait for ``made`` ended with, or MISSING: a won lease
-        is this reader's to write (its claim is recorded)."""
+    def waited(self, made: str, outcome: Landed | Won | TimedOut, state: str) -> Any:
+        """The value a wait for ``made`` (``state``: see ``to_wait``) ended
+        with, or MISSING: a won lease is this reader's to write (its claim
+        is recorded)."""
         if isinstance(outcome, Landed):
-            return outcome.value
-        if isinstance(outcome, Won):
+            decision, value = decisions.WAIT_LANDED, outcome.value
+        elif isinstance(outcome, Won):
             if outcome.waited:
                 # The lease we waited on ran out with nothing written: the
                 # key is probably absent by design.
                 now = time.monotonic()
                 self._absent.put(made, now + ABSENT_MEMORY_S, True, now)
             self._record(Claim(outcome.lease, time.monotonic(), ""))
-            return MISSING
-        self.events.fallback("cold_wait_timeout")
-        return MISSING
+            decision, value = decisions.WAIT_WON, MISSING
+        else:
+            self.events.fallback("cold_wait_timeout")
+            decision, value = decisions.WAIT_TIMED_OUT, MISSING
+        self.events.decided(made, state, decision, outcome.waited)
+        return value
 
     # -- the winner's write ------------------------------------------------------
 

@@ -80,6 +80,19 @@ class Events(Protocol):
     def fallback(self, reason: str) -> None:
         """A value was computed (or a wait given up) without coordination."""
 
+    def decided(self, made: str, state: str, decision: str, waited: float) -> None:
+        """What was done with one key, for a per-request trace.
+
+        A herd-mode decision of a plain get on ``made`` (its entry's
+        ``state``: ``early``, ``stale``, ``expired`` or ``absent``; what
+        ``decision`` the reader got: ``core.decisions.HERD``), or
+        ``core.decisions.WAITED_IN_PROCESS``: a stampede-safe caller waited
+        ``waited`` seconds for the computation another thread of its process
+        ran. The counters above cannot say which key; a debugging tool
+        (``observe/trace.py``) records this, the metrics sink ignores it.
+        Never reported for a fresh hit: the hit path pays nothing for it.
+        """
+
 
 def _nothing() -> None:
     return None

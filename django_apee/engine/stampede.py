@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from django_apee.core import MISSING, policy, takeover, to_milliseconds
 from django_apee.core.breaker import CircuitBreaker
+from django_apee.core.decisions import WAITED_IN_PROCESS
 from django_apee.core.envelope import Meta
 from django_apee.core.singleflight import (
     LeaderAborted,
@@ -373,9 +374,12 @@ class Coordinator:
 
     def _coalesced(self, made: str, fill: Callable[[], Any]) -> Any:
         try:
-            return self.flights.do(made, fill, timeout=self.tuning.wait_timeout).value
+            found = self.flights.do(made, fill, timeout=self.tuning.wait_timeout)
         except (SingleFlightTimeout, LeaderAborted) as error:
             raise _Fallback("wait_timeout") from error
+        if not found.leader:
+            self.events.decided(made, "miss", WAITED_IN_PROCESS, found.waited)
+        return found.value
 
     def _fill(self, call: Call, stale: Any) -> Any:
         """Leader of this process: take the lease and compute, or wait for it."""

@@ -467,6 +467,10 @@ class AliasMetrics:
     def fallback(self, reason: str) -> None:
         FALLBACKS.labels(cache=self.alias, reason=reason).inc()
 
+    def decided(self, made: str, state: str, decision: str, waited: float) -> None:
+        """Not a metric: which key a decision was about is for a trace
+        (``observe/trace.py``); the counters above already count it."""
+
     def near_served(self, hits: int) -> None:
         """``hits`` get keys answered from the near cache: near and get hits."""
         self.near_hits.inc(hits)

@@ -4,11 +4,14 @@ A debugging aid (the django-debug-toolbar panel, ``contrib/debug_toolbar.py``
 reads it): while a ``Recording`` is active in the current context, every
 event the engine reports through its ``Events`` sink is also appended to it,
 attached to the stampede-safe call it happened in (``call``), or kept as a
-loose herd decision of a plain ``get``. The engine is not touched: the
-Django surface builds an alias's sink as ``TracedEvents`` (its metrics, also
-recorded) instead of ``AliasMetrics`` when tracing was switched on
-(``enable``) before the alias's runtime was built, so a site without the
-panel pays nothing on the hit path. Background refreshes run on
+loose event of a plain ``get``. The engine's keyed reports
+(``Events.decided``: a plain get's herd decision, a stampede-safe caller's
+wait for its own process's computation) keep their key: herd decisions as
+``Decision`` records, in-process waits on their call. The engine is not
+touched: the Django surface builds an alias's sink as ``TracedEvents`` (its
+metrics, also recorded) instead of ``AliasMetrics`` when tracing was
+switched on (``enable``) before the alias's runtime was built, so a site
+without the panel pays nothing on the hit path. Background refreshes run on
 pool threads, outside the request's context, and are not recorded.
 """
 
@@ -21,6 +24,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from django_apee.core.decisions import WAITED_IN_PROCESS
 from django_apee.observe.metrics import AliasMetrics
 
 _enabled = False
@@ -69,14 +73,35 @@ class Call:
 
     @property
     def waits(self) -> list[float]:
+        """Seconds waited for another process's computation (its lease)."""
         return [value or 0.0 for step, value in self.steps if step == "lease_wait"]
+
+    @property
+    def process_waits(self) -> list[float]:
+        """Seconds waited for this process's own computation of the key."""
+        return [v or 0.0 for step, v in self.steps if step == WAITED_IN_PROCESS]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A plain get's herd-mode decision on one key (``Events.decided``)."""
+
+    alias: str
+    key: str
+    #: ``early``, ``stale``, ``expired`` or ``absent``.
+    state: str
+    #: One of ``core.decisions.HERD``.
+    decision: str
+    #: Seconds the reader waited for another reader's write (0: none).
+    waited: float
 
 
 @dataclass
 class Recording:
-    """What one request did: its calls, and herd decisions outside them."""
+    """What one request did: its calls, herd decisions, other events."""
 
     calls: list[Call] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
     loose: list[tuple[str, str, float | None]] = field(default_factory=list)
 
 
@@ -181,6 +206,17 @@ class TracedEvents(AliasMetrics):
     def fallback(self, reason: str) -> None:
         super().fallback(reason)
         _note(self.alias, f"fallback:{reason}", None)
+
+    def decided(self, made: str, state: str, decision: str, waited: float) -> None:
+        current = _call.get()
+        if current is not None and current.key == made:
+            current.steps.append((decision, waited))  # an in-process wait
+            return
+        recording = _recording.get()
+        if recording is not None:
+            recording.decisions.append(
+                Decision(self.alias, made, state, decision, waited)
+            )
 
     def unreadable(self, reason: str) -> None:
         super().unreadable(reason)

@@ -13,6 +13,7 @@ from django.test import override_settings
 
 from django_apee.cache import ApeeCache
 from django_apee.core import MISSING
+from django_apee.core.decisions import WAITED_IN_PROCESS
 from django_apee.core.envelope import Envelope, Meta
 from django_apee.engine.protocol import Tuning
 from django_apee.engine.stampede import Call, Coordinator, make_spec
@@ -127,12 +128,16 @@ class Events:
             setattr(self, name, Count())
         self.outcomes: list[str] = []
         self.fallbacks: list[str] = []
+        self.decisions: list[tuple[str, str, str]] = []
 
     def computed(self, outcome: str) -> None:
         self.outcomes.append(outcome)
 
     def fallback(self, reason: str) -> None:
         self.fallbacks.append(reason)
+
+    def decided(self, made: str, state: str, decision: str, waited: float) -> None:
+        self.decisions.append((made, state, decision))
 
 
 def test_the_engine_runs_on_a_bare_store_in_two_coordinators(redis_url):
@@ -174,6 +179,9 @@ def test_the_engine_runs_on_a_bare_store_in_two_coordinators(redis_url):
     assert len(computes) == 1
     assert events.outcomes == ["ok"]
     assert events.fallbacks == []
+    # Threads that joined their process's leader report that wait, keyed.
+    assert 1 <= len(events.decisions) <= 14
+    assert set(events.decisions) == {("engine:cold", "miss", WAITED_IN_PROCESS)}
     assert client.get("engine:cold") is not None
     client.close()
 

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from django_apee.conf import APEE_OPTIONS, DJANGO_REDIS_OPTIONS
+from django_apee.core import decisions
 
 ROOT = Path(__file__).resolve().parents[2]
 REFERENCE = ROOT / "docs" / "reference"
@@ -52,3 +53,10 @@ def test_every_metric_and_fallback_reason_is_documented():
         )
         == []
     )
+
+
+def test_every_herd_decision_the_toolbar_shows_is_documented():
+    """The panel's page explains each decision a herd row can show."""
+    page = (ROOT / "docs" / "howto" / "debug-toolbar.rst").read_text()
+    assert len(decisions.HERD) == 11
+    assert [d for d in decisions.HERD if f"``{d}``" not in page] == []

@@ -18,6 +18,7 @@ from django_apee.engine.aio import waiting as awaiting
 from django_apee.store.errors import REDIS_ERRORS
 
 if TYPE_CHECKING:
+    from django_apee.core import policy
     from django_apee.core.envelope import Meta
     from django_apee.engine.aio.loop import LoopIO
     from django_apee.engine.herd import Absent, Herd, Row
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
 async def read(herd: Herd, io: LoopIO, rows: list[Row]) -> dict[Any, Any]:
     """``Herd.read`` on the loop."""
     found, contested, absent = herd.sort(rows)
-    for row, value, meta in contested:
-        if not await contend(herd, io, row.made, row.raw, meta, row.pttl_ms):  # type: ignore[arg-type]
+    for row, value, meta, state in contested:
+        if not await contend(herd, io, row, meta, state):
             found[row.key] = value
     if absent and herd.waits():
         found.update(await wait_for(herd, io, absent))
@@ -35,32 +36,34 @@ async def read(herd: Herd, io: LoopIO, rows: list[Row]) -> dict[Any, Any]:
 
 
 async def contend(
-    herd: Herd, io: LoopIO, made: str, raw: bytes, meta: Meta, read_pttl: int
+    herd: Herd, io: LoopIO, row: Row, meta: Meta, state: policy.State
 ) -> bool:
     """``Herd.contend`` on the loop: True, this reader misses and writes."""
+    made, raw = row.made, row.raw
+    assert raw is not None  # contested rows were read
     now = time.monotonic()
     if herd.claimed(made, now):
-        return False
+        return herd.contended(made, state, None, None, claimed=True)
     lease_ms = herd.lease_ms(meta)
     attempt = await awaiting.try_lease(herd.waiting, io, made, lease_ms, hash(raw), now)
-    held = herd.won(made, raw, read_pttl, attempt, now)
+    held = herd.won(made, raw, row.pttl_ms, attempt, now)
     if held is not None:
         await awaiting.release_quietly(herd.waiting, io, held)
-    return attempt is not None and attempt.lease is not None and held is None
+    return herd.contended(made, state, attempt, held)
 
 
 async def wait_for(herd: Herd, io: LoopIO, absent: list[Absent]) -> dict[Any, Any]:
     """``Herd.wait_for`` on the loop."""
     deadline = herd.deadline()
     landed: dict[Any, Any] = {}
-    for made, key in herd.to_wait(absent):
+    for made, key, state in herd.to_wait(absent):
         lease_ms = herd.rules.default_lease_ms
         try:
             outcome = await awaiting.wait(herd.waiting, io, made, lease_ms, deadline)
         except REDIS_ERRORS:
             herd.events.redis_errors.inc()
             break
-        value = herd.waited(made, outcome)
+        value = herd.waited(made, outcome, state)
         if value is not MISSING:
             landed[key] = value
     return landed

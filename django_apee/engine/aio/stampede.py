@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from django_apee.core import MISSING, policy
+from django_apee.core.decisions import WAITED_IN_PROCESS
 from django_apee.core.singleflight import LeaderAborted, SingleFlightTimeout
 from django_apee.engine.aio import waiting as awaiting
 from django_apee.engine.stampede import _UNREADABLE, Call, rewritten
@@ -165,6 +166,8 @@ class AsyncCoordinator:
             )
         except (SingleFlightTimeout, LeaderAborted) as error:
             raise Fallback("wait_timeout") from error
+        if not found.leader:
+            self.sync.events.decided(made, "miss", WAITED_IN_PROCESS, found.waited)
         return found.value
 
     async def _fill(self, call: Call, stale: Any) -> Any:
