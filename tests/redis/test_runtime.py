@@ -237,23 +237,25 @@ def test_a_changed_caches_ends_the_dropped_runtimes_threads_and_connections(
     assert not first.hub._worker._thread.is_alive()
     assert not first.near.tracker._thread.is_alive()
     _use_every_connection(cache)
+    # A dropped runtime's idle refresh thread ends soon after its pool is
+    # shut down, not at once: counted only once it has.
+    for thread in list(first.coordinator._pool._threads):
+        thread.join(10)
     threads, (clients, subscribers, tracking) = _runtime_threads(), _clients(own_raw)
     assert (subscribers, tracking) == (1, 1)
     for round_ in range(3):
+        dropped = cache.runtime
         _, cache = make_cache(
             location=own_server.url, NEAR_CACHE=True, WAIT_TIMEOUT=3 + round_
         )
         _use_every_connection(cache)
+        for thread in list(dropped.coordinator._pool._threads):
+            thread.join(10)
     # Each runtime replaced the one before: nothing piled up, neither
     # threads here nor connections on the server (each dropped runtime left
     # three before: its subscriber, its identity and its tracking). The pool
-    # may have opened one more for the fleet flusher running meanwhile. (A
-    # dropped runtime's idle refresh thread ends soon after its pool is shut
-    # down, not at once: one may still be in the first count, none later.)
-    deadline = time.monotonic() + 5
-    while _runtime_threads() > threads and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _runtime_threads() <= threads
+    # may have opened one more for the fleet flusher running meanwhile.
+    assert _runtime_threads() == threads
     now, subscribers, tracking = _clients(own_raw)
     assert (subscribers, tracking) == (1, 1)
     assert clients <= now <= clients + 1
