@@ -23,9 +23,8 @@ Run::
 
 Other columns: add an entry to :data:`CANDIDATES` (alias, label, CACHES
 entry); every candidate gets a column and a ratio to django-redis. The near
-cache's column is one (``"OPTIONS": {"NEAR_CACHE": True}``): its ``get`` and
-``get_many`` are answered from process memory; its stampede-safe hit still
-reads Redis.
+cache's column is one (``"OPTIONS": {"NEAR_CACHE": True}``): its ``get``,
+``get_many`` and stampede-safe hits are answered from process memory.
 """
 
 from __future__ import annotations
