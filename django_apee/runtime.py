@@ -134,7 +134,9 @@ class Runtime:
             # a cluster has no Sentinel to follow.
             pool = None
         if pool is not None:
-            self.watch = PrimaryWatch(pool, [self.hub.reconnect, self.identity.reset])
+            self.watch = PrimaryWatch(
+                pool, [self.hub.reconnect, self.identity.reset, self._async_moved]
+            )
             self.watch.start()
         fleet.register(
             self.alias,
@@ -158,6 +160,13 @@ class Runtime:
                 AsyncCoordinator(self.coordinator, loops) if loops else None,
             )
         return self._async[0]
+
+    def _async_moved(self) -> None:
+        """The primary moved: each loop's connections and wake-up
+        subscription follow it, on their own loop."""
+        engine = self._async[0] if self._async is not None else None
+        if engine is not None:
+            engine.loops.each(lambda io: io.primary_moved())
 
     def close(self) -> None:
         """This configuration is dropped: end its threads and give back or

@@ -88,6 +88,24 @@ class LoopIO:
             await pool.release(connection)
         return raw
 
+    def primary_moved(self) -> None:
+        """Sentinel moved the primary (``PrimaryWatch``, scheduled on this
+        loop): follow it, as the sync side's pool and wake-up hub do."""
+        self.spawn(self._follow_primary())
+
+    async def _follow_primary(self) -> None:
+        """Close the connections that still point at the old primary (the
+        idle ones of the pool, those kept for GETs): the next connection
+        asks the sentinels. Then the wake-up subscription moves, on such a
+        connection."""
+        idle, self.idle = self.idle, []
+        pool = self.client.connection_pool
+        for connection in idle:
+            await connection.disconnect()
+            await pool.release(connection)
+        await pool.disconnect(inuse_connections=False)
+        self.hub.reconnect()
+
     def spawn(self, work: Any) -> None:
         """Run coroutine ``work`` in the background on this loop."""
         task = asyncio.get_running_loop().create_task(work)

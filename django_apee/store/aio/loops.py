@@ -72,6 +72,23 @@ class PerLoop(Generic[T]):
         pid = os.getpid()
         return sum(1 for entry in list(self._entries.values()) if entry.pid == pid)
 
+    def each(self, call: Callable[[T], None]) -> None:
+        """Schedule ``call(value)`` on every live loop of this process, from
+        any thread (the Sentinel watch's): each runs on its own loop."""
+        pid = os.getpid()
+        for _ in range(3):  # a loop may add or drop its entry meanwhile
+            try:
+                entries = list(self._entries.items())
+                break
+            except RuntimeError:
+                continue
+        else:
+            return
+        for loop, entry in entries:
+            if entry.pid == pid and not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    loop.call_soon_threadsafe(call, entry.value)
+
     async def aclose_current(self) -> None:
         """Close this loop's object now (a changed configuration drops it)."""
         entry = self._entries.pop(asyncio.get_running_loop(), None)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import NoPermissionError
 
-from django_apee.store.wake import Waiters, pause_after_failure, warn_denied
+from django_apee.store.wake import POLL_S, Waiters, pause_after_failure, warn_denied
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -63,6 +63,9 @@ class AsyncWakeHub(Waiters[asyncio.Event]):
         self._sync_connect = sync_connect
         self.subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: Set by ``reconnect``: subscribe again, where the client's
+        #: connections point now (a new Sentinel primary).
+        self._moved = False
 
     def _listening(self) -> None:
         if self._task is None or self._task.done():
@@ -70,6 +73,13 @@ class AsyncWakeHub(Waiters[asyncio.Event]):
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name="django-apee-wake"
             )
+
+    def reconnect(self) -> None:
+        """Subscribe again on a fresh connection (the primary moved), within
+        ``POLL_S``: wake-ups are published on the primary, and a
+        subscription left on a demoted one hears none. Waiters are woken to
+        look again, so none sleeps through the move."""
+        self._moved = True
 
     async def aclose(self) -> None:
         """Stop listening; waiters still registered wait to their timeout."""
@@ -99,8 +109,11 @@ class AsyncWakeHub(Waiters[asyncio.Event]):
         try:
             await pubsub.subscribe(self.channel)
             while True:
-                message = await pubsub.get_message(timeout=1.0)
+                message = await pubsub.get_message(timeout=POLL_S)
                 _stop_if_cancelled()
+                if self._moved:
+                    self._moved = False
+                    return  # _run subscribes again, on a new connection
                 if not self.subscribed.is_set() and pubsub.subscribed:
                     self.subscribed.set()
                     # Published before the subscription was up: look again.
