@@ -7,6 +7,7 @@ Real Redis, real event loops (``asyncio.run``). What is asserted is counts
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -420,3 +421,56 @@ def test_aincr_and_adecr(make_cache):
     assert cache.get("big") == 2**70 + 1
     with pytest.raises(ValueError, match="not found"):
         asyncio.run(cache.aincr("absent"))
+
+
+def test_a_process_forked_after_async_use_gets_fresh_async_state(make_cache):
+    """A pre-fork server: the parent used the async methods (one loop ended,
+    one still open: both hold connections, a wake-up subscription and
+    leases taken), then forks. The child's loop builds its own pool and
+    subscription, takes and ends its own leases (its own client id), and
+    reads what the parent wrote; the parent's open loop goes on working
+    after the child, on connections the child never touched."""
+    _, cache = make_cache()
+    cache.set("k", "v", 60)
+    loops = cache.runtime.acoordinator.loops
+
+    async def use(tag: str) -> tuple[Any, ...]:
+        async def compute() -> str:
+            return tag
+
+        io = loops.get()
+        got = await cache.aget("k")
+        stored = await cache.aset(f"by-{tag}", tag, 60)
+        made = await cache.aget_or_set_stampede_safe(f"cold-{tag}", compute, 60)
+        return io, io.client.connection_pool, got, stored, made
+
+    assert asyncio.run(use("ended"))[2:] == ("v", True, "ended")
+    loop = asyncio.new_event_loop()
+    try:
+        parent_io, parent_pool, *answers = loop.run_until_complete(use("parent"))
+        assert answers == ["v", True, "parent"]
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            ok = False
+            try:
+                io, pool, *found = asyncio.run(use("child"))
+                ok = io is not parent_io and pool is not parent_pool
+                ok = ok and found == ["v", True, "child"]
+                ok = ok and asyncio.run(cache.aget("by-parent")) == "parent"
+                # The child's loops closed their state; the parent's open
+                # loop's, inherited, is not the child's to count or close.
+                ok = ok and loops.loops() == 0
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        io, pool, *again = loop.run_until_complete(use("parent-again"))
+        assert (io, pool) == (parent_io, parent_pool)
+        assert again == ["v", True, "parent-again"]
+        assert cache.get_many(["by-child", "cold-child"]) == {
+            "by-child": "child",
+            "cold-child": "child",
+        }
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
