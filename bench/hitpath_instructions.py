@@ -4,7 +4,8 @@ Wall-clock ratios (``bench/hitpath.py``) move with whatever else a shared
 machine runs. ``valgrind --tool=callgrind`` counts the instructions the
 client executes instead, the same from run to run within a few thousand.
 For each (backend, read) this runs a child process twice under callgrind,
-once doing ``--calls`` reads of a present ~200 B dict and once doing none
+once doing ``--calls`` reads of a present ~200 B dict (``get_many``: 20 of
+them) and once doing none
 (both after the same 50 warm-up reads), and prints the difference per call,
 counted on the main thread only (the stats flush and clock threads run on
 wall time) with a fixed hash seed. What Redis does is not counted.
@@ -32,6 +33,8 @@ from tests.support.redis_server import RedisServer  # noqa: E402
 READS = [
     ("get", "apee", "get"),
     ("get", "django_redis", "get"),
+    ("get_many(20)", "apee", "many"),
+    ("get_many(20)", "django_redis", "many"),
     ("stampede-safe hit / get_or_set", "apee", "safe"),
     ("stampede-safe hit / get_or_set", "django_redis", "safe"),
 ]
@@ -51,8 +54,12 @@ from django.core.cache import caches
 from bench.hitpath import small_dict
 cache = caches[{alias!r}]
 cache.set("k", small_dict(random.Random(1)), 3600)
+keys = [f"k{{n}}" for n in range(20)]
+cache.set_many({{key: small_dict(random.Random(n)) for n, key in enumerate(keys)}}, 3600)
 if {op!r} == "get":
     read = lambda: cache.get("k")
+elif {op!r} == "many":
+    read = lambda: cache.get_many(keys)
 elif {alias!r} == "apee":
     read = lambda: cache.get_or_set_stampede_safe("k", lambda: 1, 3600)
 else:
