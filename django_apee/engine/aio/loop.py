@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from django_apee.core.singleflight import AsyncSingleFlight, LeaderAborted
 from django_apee.store.aio.failover import AsyncFailoverRetry
@@ -74,7 +75,7 @@ class LoopIO:
             self.idle.pop() if reused else await pool.get_connection()  # type: ignore[no-untyped-call]
         )
         try:
-            await connection.send_command("GET", made)
+            await _send(connection, connection.pack_command("GET", made))
             raw = await connection.read_response()
         except BaseException as error:
             await connection.disconnect()
@@ -140,3 +141,26 @@ def per_loop(
         await io.aclose()
 
     return PerLoop(make, close)
+
+
+async def _send(connection: Any, packed: list[bytes]) -> None:
+    """Send a packed command, bounded by the socket timeout.
+
+    ``redis.asyncio`` wraps every send in ``asyncio.wait_for``: a task, a
+    timer and two more turns of the loop, for a write that the transport
+    nearly always completes at once (a GET is a few dozen bytes). Here the
+    bytes are handed to the transport first, and only what it could not
+    write yet is waited for, under the same timeout. A connection without
+    the stream writer this relies on is sent to the usual way.
+    """
+    writer = getattr(connection, "_writer", None)
+    if writer is None or not connection.is_connected:
+        await connection.send_packed_command(packed)
+        return
+    await connection.check_health()
+    writer.writelines(packed)
+    if writer.transport.get_write_buffer_size():
+        try:
+            await asyncio.wait_for(writer.drain(), connection.socket_timeout)
+        except asyncio.TimeoutError:
+            raise RedisTimeoutError("Timeout writing to socket") from None
