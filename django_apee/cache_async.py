@@ -10,8 +10,9 @@ loop's wake-up subscription and the coroutines of a loop coalesced.
 
 What still runs the sync method in a worker thread (``thread_sensitive=False``:
 off the one thread ``sync_to_async`` shares, so a wait stalls no ORM call):
-everything when the client has no ``redis.asyncio`` twin (Redis Cluster) or
-the near cache is on (its hits are in process memory already). The writes
+everything when the client has no ``redis.asyncio`` twin (a Redis Cluster
+without sharded pub/sub, before 7) or the near cache is on (its hits are in
+process memory already). The writes
 ``aset``, ``aadd``, ``aset_many`` and ``ahas_key`` are in
 ``cache_async_write.py``.
 """
@@ -37,7 +38,9 @@ from django_apee.core import MISSING
 from django_apee.core.keys import LEASE, companion
 from django_apee.engine.aio import herd as aherd
 from django_apee.observe import metrics, trace
+from django_apee.store.aio import cluster as acluster
 from django_apee.store.aio import scripts as ascripts
+from django_apee.store.aio.cluster import is_cluster
 from django_apee.store.errors import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -344,7 +347,10 @@ class AsyncCacheMixin(AsyncWriteMixin):
 
 
 async def _read_rows(client: aioredis.Redis, made_keys: list[Any]) -> list[Any]:
-    """``lua/get.lua``'s flat answer, ``GET_CHUNK`` keys per script call."""
+    """``lua/get.lua``'s flat answer, ``GET_CHUNK`` keys per script call
+    (per hash slot on a cluster)."""
+    if is_cluster(client):
+        return await acluster.read_rows(client, made_keys, GET_CHUNK)  # type: ignore[arg-type]
     calls: list[tuple[list[Any], list[Any]]] = [
         (chunk + [companion(made, LEASE) for made in chunk], [])
         for chunk in _chunks(made_keys)
@@ -357,7 +363,9 @@ async def _read_rows(client: aioredis.Redis, made_keys: list[Any]) -> list[Any]:
 
 async def _read_values(client: aioredis.Redis, made_keys: list[Any]) -> list[Any]:
     """The bytes under each key, in order: ``MGET``s of ``GET_CHUNK`` keys,
-    pipelined in one round trip."""
+    pipelined in one round trip (per hash slot on a cluster)."""
+    if is_cluster(client):
+        return await acluster.read_values(client, made_keys)  # type: ignore[arg-type]
     if len(made_keys) <= GET_CHUNK:
         return list(await client.mget(made_keys))
     pipeline = client.pipeline(transaction=False)

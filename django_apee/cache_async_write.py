@@ -9,7 +9,8 @@ won from a get is written under by either), the same metrics. Only the
 round trips are awaited, on the loop's own client.
 
 Like the reads, they run the sync method in a worker thread when the client
-has no ``redis.asyncio`` twin (Redis Cluster) or the near cache is on.
+has no ``redis.asyncio`` twin (a Redis Cluster before 7) or the near cache
+is on.
 """
 
 from __future__ import annotations

@@ -27,12 +27,14 @@ from django_apee.engine.herd import Herd
 from django_apee.engine.stampede import Coordinator
 from django_apee.observe import metrics, trace
 from django_apee.store import fleet, gauges
+from django_apee.store.aio.cluster import async_cluster, is_cluster
 from django_apee.store.aio.connect import async_client, mappable
 from django_apee.store.clock import RedisClock
 from django_apee.store.errors import REDIS_ERRORS
 from django_apee.store.failover import PrimaryWatch, sentinel_pool
 from django_apee.store.holder import Identity
 from django_apee.store.near import Near
+from django_apee.store.shardwake import ShardWakeHub
 from django_apee.store.tracking import tracking_connection
 from django_apee.store.wake import CLOSE_WAIT_S, WakeHub, wake_channel
 
@@ -152,10 +154,10 @@ class Runtime:
         """The async engine (``engine/aio``), built on first use: per event
         loop, a ``redis.asyncio`` client with the primary's settings, its
         wake-up subscription and flights. None when the client has no async
-        twin (a cluster): the async methods then run the sync ones in a
-        thread."""
+        twin (a cluster without sharded pub/sub): the async methods then
+        run the sync ones in a thread."""
         if self._async is None:
-            loops = _loops(self.store, self.hub.channel)
+            loops = _loops(self.store, self.hub.channel, self.hub)
             self._async = (
                 AsyncCoordinator(self.coordinator, loops) if loops else None,
             )
@@ -188,10 +190,22 @@ class Runtime:
             self.near.tracker.join(CLOSE_WAIT_S)
 
 
-def _loops(store: BackendStore, channel: str) -> PerLoop[LoopIO] | None:
+def _loops(store: BackendStore, channel: str, hub: WakeHub) -> PerLoop[LoopIO] | None:
     """The alias's async state per loop, or None if its client has no
-    ``redis.asyncio`` twin (checked without I/O)."""
-    if not mappable(store.connection()):
+    ``redis.asyncio`` twin (checked without I/O). On a cluster, a
+    ``redis.asyncio`` RedisCluster per loop with sharded wake-ups, when
+    its sync hub has them (Redis/Valkey 7+)."""
+    connection = store.connection()
+    if is_cluster(connection):
+        if not isinstance(hub, ShardWakeHub):
+            return None
+        return per_loop(
+            lambda: async_cluster(store.connection()),
+            channel,
+            store.connection,
+            sharded=True,
+        )
+    if not mappable(connection):
         return None
     return per_loop(lambda: async_client(store.connection()), channel, store.connection)
 

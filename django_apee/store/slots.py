@@ -133,6 +133,9 @@ class Cluster(RedisCluster):
 
     def __init__(self, *args: Any, source_of: SourceOf, **kwargs: Any) -> None:
         self.source_of = source_of
+        #: What it was built from: the async twin is built from the same
+        #: (``store/aio/cluster.py``).
+        self.build_kwargs = dict(kwargs)
         super().__init__(*args, **kwargs)
 
     def pipeline(

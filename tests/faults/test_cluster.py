@@ -16,8 +16,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack
 from typing import Any
 
 import pytest
@@ -32,35 +30,6 @@ from tests.support.deployments import ClusterDeployment, wait_until
 pytestmark = pytest.mark.faults
 
 CLIENT = "django_apee.cluster.ApeeClusterClient"
-
-
-@pytest.fixture
-def cluster_alias(cluster) -> Iterator[Any]:
-    """``cluster_alias(KEY_PREFIX=..., OPTIONS=...) -> alias``: a fresh CACHES
-    alias on the cluster; top-level parameters as given."""
-    with ExitStack() as stack:
-
-        def make(**params: Any) -> str:
-            alias = f"cluster-{uuid.uuid4().hex[:8]}"
-            options = {"CLIENT_CLASS": CLIENT, **params.pop("OPTIONS", {})}
-            config = {
-                "BACKEND": "django_apee.cache.ApeeCache",
-                "LOCATION": cluster.urls,
-                "OPTIONS": options,
-                **params,
-            }
-            stack.enter_context(
-                override_settings(CACHES={**settings.CACHES, alias: config})
-            )
-            return alias
-
-        yield make
-
-
-@pytest.fixture
-def on_cluster(cluster_alias):
-    """``on_cluster(**params) -> cache`` on a fresh alias (see ``cluster_alias``)."""
-    return lambda **params: caches[cluster_alias(**params)]
 
 
 def spread(cluster: ClusterDeployment, prefix: str, count: int) -> dict[str, int]:
@@ -438,23 +407,6 @@ def test_wake_ups_go_by_sharded_pub_sub_in_the_entrys_slot(cluster, cluster_alia
     assert waited < 3.0, waited  # woken, not timed out to the 10 s lease
     assert spublish_on_owner() > spublishes
     assert counts("publish") == publishes
-
-
-def test_async_methods_run_on_a_cluster(on_cluster):
-    """redis.asyncio has no twin of ApeeClusterClient's RedisCluster here: the
-    async methods run the sync ones in a thread, with the same results."""
-    import asyncio
-
-    cache = on_cluster()
-    tag = uuid.uuid4().hex[:6]
-
-    async def calls() -> list[Any]:
-        first = await cache.aget_or_set_stampede_safe(f"a-{tag}", lambda: "v", 60)
-        again = await cache.aget_or_set_stampede_safe(f"a-{tag}", lambda: "w", 60)
-        await cache.aset(f"b-{tag}", 2, 60)
-        return [first, again, await cache.aget(f"b-{tag}"), await cache.aget("none")]
-
-    assert asyncio.run(calls()) == ["v", "v", 2, None]
 
 
 def test_a_dropped_cluster_runtime_ends_its_shard_subscriber(cluster, on_cluster):

@@ -11,12 +11,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from django_apee.core.singleflight import AsyncSingleFlight, LeaderAborted
 from django_apee.store.aio.failover import AsyncFailoverRetry
 from django_apee.store.aio.loops import PerLoop
+from django_apee.store.aio.shardwake import AsyncShardWakeHub
 from django_apee.store.aio.wake import AsyncWakeHub
 
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ class LoopIO:
     """One alias's async state on one loop."""
 
     client: aioredis.Redis
-    hub: AsyncWakeHub
+    hub: AsyncWakeHub | AsyncShardWakeHub
     flights: AsyncSingleFlight[Any] = field(default_factory=AsyncSingleFlight)
     #: Reads of one key at the same time share one round trip: 2,000
     #: coroutines asking for one key open one connection, not 2,000.
@@ -64,16 +66,16 @@ class LoopIO:
         connection the server closed meanwhile is dropped and the GET sent
         through the client, on a fresh one, as the pool would have done.
         """
-        pool = self.client.connection_pool
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is None:  # a cluster: its client picks the node
+            return await self.client.get(made)
         retry = pool.connection_kwargs.get("retry")
         if retry is not None and (
             retry.get_retries() or isinstance(retry, AsyncFailoverRetry)
         ):
             return await self.client.get(made)
         reused = bool(self.idle)
-        connection = (
-            self.idle.pop() if reused else await pool.get_connection()  # type: ignore[no-untyped-call]
-        )
+        connection = self.idle.pop() if reused else await pool.get_connection()
         try:
             await _send(connection, connection.pack_command("GET", made))
             raw = await connection.read_response()
@@ -123,19 +125,26 @@ class LoopIO:
         for task in list(self.tasks):
             with contextlib.suppress(BaseException):
                 await task
-        await self.client.aclose(close_connection_pool=True)
+        if isinstance(self.client, RedisCluster):
+            await self.client.aclose()
+        else:
+            await self.client.aclose(close_connection_pool=True)
 
 
 def per_loop(
-    make_client: Callable[[], aioredis.Redis],
+    make_client: Callable[[], Any],
     channel: str,
     sync_connect: Callable[[], Redis],
+    *,
+    sharded: bool = False,
 ) -> PerLoop[LoopIO]:
-    """A :class:`LoopIO` per loop, its client made by ``make_client``."""
+    """A :class:`LoopIO` per loop, its client made by ``make_client``
+    (a cluster's when ``sharded``: wake-ups by sharded pub/sub)."""
+    hub = AsyncShardWakeHub if sharded else AsyncWakeHub
 
     def make() -> LoopIO:
         client = make_client()
-        return LoopIO(client, AsyncWakeHub(client, channel, sync_connect))
+        return LoopIO(client, hub(client, channel, sync_connect))
 
     async def close(io: LoopIO) -> None:
         await io.aclose()

@@ -11,8 +11,8 @@ client: its pool's connection class and keyword arguments, mapped to
 Some sync-only arguments have no async counterpart (a parser class, the
 client-side cache, OCSP stapling, Redis Enterprise's maintenance
 notifications); they are left out, and each is named in a debug log line
-once per process. Redis Cluster is not mapped here: the
-surface keeps its thread-based async methods for a ``RedisCluster``.
+once per process. Redis Cluster is not mapped here: its async twin is
+built by ``store/aio/cluster.py``.
 """
 
 from __future__ import annotations
@@ -134,10 +134,13 @@ def async_kwargs(kwargs: dict[str, Any], connection_class: type) -> dict[str, An
     if isinstance(retry, FailoverRetry):  # FAILOVER_WAIT, under Sentinel
         found["retry"] = AsyncFailoverRetry.of(retry)
     elif retry is not None:
-        found["retry"] = AsyncRetry(
-            retry._backoff, retry._retries, tuple(retry._supported_errors)
-        )
+        found["retry"] = async_retry(retry)
     return found
+
+
+def async_retry(retry: Any) -> AsyncRetry:
+    """A sync ``Retry``'s policy (backoff, retries, errors) for ``redis.asyncio``."""
+    return AsyncRetry(retry._backoff, retry._retries, tuple(retry._supported_errors))
 
 
 def _parameters(connection_class: type) -> set[str]:
