@@ -55,7 +55,9 @@ from bench.hitpath import small_dict
 cache = caches[{alias!r}]
 cache.set("k", small_dict(random.Random(1)), 3600)
 keys = [f"k{{n}}" for n in range(20)]
-cache.set_many({{key: small_dict(random.Random(n)) for n, key in enumerate(keys)}}, 3600)
+cache.set_many(
+    {{key: small_dict(random.Random(n)) for n, key in enumerate(keys)}}, 3600
+)
 if {op!r} == "get":
     read = lambda: cache.get("k")
 elif {op!r} == "many":
