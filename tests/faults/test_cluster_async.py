@@ -172,3 +172,23 @@ def test_waiters_are_woken_by_the_holders_spublish(on_cluster):
     found, after = asyncio.run(main())
     assert found == ["from the holder"] * COROUTINES
     assert after < 1.0
+
+
+def test_a_loop_that_ends_at_once_closes_its_wake_ups(on_cluster):
+    """Each loop's first wait starts its shard subscriber; a loop that ends
+    right after (``async_to_sync``: a loop per call) must not wait for it
+    at its shutdown (redis-py can swallow the cancellation)."""
+    cache = on_cluster()
+    tag = uuid.uuid4().hex[:6]
+    found: list[Any] = []
+
+    def calls() -> None:
+        for n in range(5):
+            key = f"once-{tag}-{n}"
+            found.append(asyncio.run(cache.aget_or_set_stampede_safe(key, n, 60)))
+
+    thread = threading.Thread(target=calls, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "a loop's shutdown hung"
+    assert found == [0, 1, 2, 3, 4]

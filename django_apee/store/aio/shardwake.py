@@ -170,6 +170,9 @@ class AsyncShardWakeHub(Waiters[asyncio.Event]):
             await self._subscribe(channel)
         self.subscribed.set()
         while True:
+            # redis-py can swallow a cancellation that lands in a command
+            # (see ``_stop_if_cancelled``): the loop's shutdown would wait.
+            _stop_if_cancelled()
             while not self._requests.empty():
                 channel = self._requests.get_nowait()
                 if channel in self._wanted:
