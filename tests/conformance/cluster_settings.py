@@ -6,7 +6,9 @@ single server of ``tests.settings`` keeps running beside it for the suite's
 own fixtures. Run::
 
     pytest -p no:cacheprovider --ds=tests.conformance.cluster_settings \
-        tests/conformance/suite.py
+        tests/conformance/suite.py tests/conformance/async_suite.py
+
+(the async suite: the native async engine on the cluster, a loop per call).
 """
 
 from tests.conformance.settings import *  # noqa: F403
