@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from django_apee.engine.aio.loop import LoopIO
     from django_apee.engine.aio.stampede import AsyncCoordinator
     from django_apee.engine.stampede import Call
+    from django_apee.store.near import Near
 
 
 def _constant(value: Any) -> Callable[[], Any]:
@@ -87,11 +89,35 @@ class AsyncCacheMixin(AsyncWriteMixin):
         stampede_call: Callable[..., tuple[Callable[[], Any], Call | None]]
 
     def _native(self) -> AsyncCoordinator | None:
-        """The async engine, or None: run the sync method in a thread."""
+        """The async engine, or None: run the sync method in a thread.
+
+        With a near cache, writes stay on the sync client, which forgets
+        their keys here at once (reads of this process see their writes);
+        reads and stampede-safe calls are native (``_native_reads``).
+        """
         if self.options.near_cache is not None:
             return None
+        return self._native_reads()
+
+    def _native_reads(self) -> AsyncCoordinator | None:
+        """The async engine for reads, or None: run them in a thread."""
         engine: AsyncCoordinator | None = self.runtime.acoordinator
         return engine
+
+    async def _near_read(self, io: LoopIO, near: Near, made: Any) -> Any:
+        """``GET made``, reserved in the near cache before it is sent and
+        filled from its answer, as the sync near client's reads are."""
+        ticket = near.reserve(made)
+        sent = time.monotonic()
+        try:
+            raw = await io.get(made)
+        except BaseException:
+            if ticket is not None:
+                near.store.release(ticket)
+            raise
+        if ticket is not None:
+            near.fill(ticket, raw, sent)
+        return raw
 
     def _omitted(self, error: Exception, value: Any) -> Any:
         """A Redis error: ``value`` under IGNORE_EXCEPTIONS (as django-redis's
@@ -111,18 +137,27 @@ class AsyncCacheMixin(AsyncWriteMixin):
     async def aget(
         self, key: Any, default: Any = None, version: int | None = None
     ) -> Any:
-        """Django's ``aget``: ``get`` on the loop (herd mode included)."""
-        engine = self._native()
+        """Django's ``aget``: ``get`` on the loop (herd mode included; the
+        near cache first, where the alias has one)."""
+        engine = self._native_reads()
         if engine is None:
             return await sync_to_async(self.get, thread_sensitive=False)(
                 key, default, version
             )
         client = self.client
         made = client.make_key(key, version=version)
+        near = self.runtime.near
+        if near is not None:
+            value = near.lookup(made)
+            if value is not MISSING:
+                return value
         if client._lean_reads:
             io = engine.loops.get()
             try:
-                raw = await io.read(made, lambda: io.get(made))
+                if near is None:
+                    raw = await io.read(made, lambda: io.get(made))
+                else:
+                    raw = await self._near_read(io, near, made)
             except REDIS_ERRORS as error:
                 return self._omitted(error, default)
             if raw is not None:
@@ -136,7 +171,8 @@ class AsyncCacheMixin(AsyncWriteMixin):
         return found.get(key, default)
 
     async def aget_many(self, keys: Any, version: int | None = None) -> Any:
-        """Django's ``aget_many``: ``get_many`` on the loop."""
+        """Django's ``aget_many``: ``get_many`` on the loop (with a near
+        cache, in a thread)."""
         engine = self._native()
         if engine is None:
             return await sync_to_async(self.get_many, thread_sensitive=False)(
@@ -298,7 +334,7 @@ class AsyncCacheMixin(AsyncWriteMixin):
         a plain callable (run in a worker thread, once per computation, not
         once per waiting coroutine) or a value.
         """
-        engine = self._native()
+        engine = self._native_reads()
         if engine is None:
             if inspect.iscoroutinefunction(default):
                 # The sync method would cache the coroutine it returns: it

@@ -14,14 +14,16 @@ opened on the loop, closed when it ends. Collected like ``suite.py``.
 
 from __future__ import annotations
 
+import unittest
 from typing import Any
 
 from asgiref.sync import async_to_sync
 from cache.tests import BaseCacheTests, caches_setting_for_tests  # type: ignore[import-not-found]
+from django.conf import settings
 from django.test import TestCase, override_settings
 
 from django_apee.cache import ApeeCache
-from tests.conformance.suite import APEE
+from tests.conformance.suite import APEE, wait_for_tracking
 
 
 class AsyncRoutedCache(ApeeCache):
@@ -70,7 +72,29 @@ class AsyncRoutedCache(ApeeCache):
         )
 
 
+class AsyncNearRoutedCache(ApeeCache):
+    """With a near cache, the natively async methods: ``aget`` and
+    ``aget_or_set_stampede_safe`` (the rest run the sync ones in a thread:
+    routing those here would call themselves)."""
+
+    def get(self, key: Any, default: Any = None, version: int | None = None) -> Any:
+        assert self._native_reads() is not None, "the async engine must be on"
+        return async_to_sync(self.aget)(key, default, version)
+
+    def get_or_set_stampede_safe(
+        self, key: Any, default: Any, *args: Any, **kwargs: Any
+    ) -> Any:
+        return async_to_sync(self.aget_or_set_stampede_safe)(
+            key, default, *args, **kwargs
+        )
+
+
 ROUTED = {**APEE, "BACKEND": f"{__name__}.AsyncRoutedCache"}
+NEAR_ROUTED = {
+    **APEE,
+    "BACKEND": f"{__name__}.AsyncNearRoutedCache",
+    "OPTIONS": {**APEE["OPTIONS"], "NEAR_CACHE": True},
+}
 
 
 @override_settings(
@@ -78,3 +102,21 @@ ROUTED = {**APEE, "BACKEND": f"{__name__}.AsyncRoutedCache"}
 )
 class ApeeAsyncConformanceTests(BaseCacheTests, TestCase):  # type: ignore[misc]
     """Every test Django applies to its cache backends, read asynchronously."""
+
+
+@unittest.skipUnless(
+    getattr(settings, "APEE_CONFORMANCE_NEAR", True),
+    "no near cache on this deployment (ApeeClusterClient refuses it)",
+)
+@override_settings(
+    CACHES=caches_setting_for_tests(
+        base=NEAR_ROUTED,
+        exclude={"cull", "zero_cull"},
+    )
+)
+class ApeeAsyncNearCacheConformanceTests(ApeeAsyncConformanceTests):
+    """With the near cache on: native async reads, from memory once filled."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        wait_for_tracking()

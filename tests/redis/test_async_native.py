@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from django_apee.cache import ApeeCache
+from django_apee.core import MISSING
 from django_apee.core.envelope import Meta
 from django_apee.store import lease
 
@@ -236,22 +237,37 @@ def test_a_redis_error_computes_locally(make_cache):
 
 
 @pytest.mark.single_node("NEAR_CACHE is refused on a cluster (apee.E010)")
-def test_cluster_and_near_cache_keep_the_thread_path(make_cache):
-    """No async twin for the near cache: the sync method runs in a thread
-    (a cluster's too, ``tests/faults/test_cluster.py``). An ``async def``
-    compute is still awaited on the loop, not cached as a coroutine."""
+def test_near_cache_reads_are_native_and_writes_are_seen_at_once(make_cache, raw_redis):
+    """With a near cache, aget and aget_or_set_stampede_safe are native and
+    answer from memory once filled; writes run the sync client in a thread,
+    which forgets their keys at once, so this process reads its writes.
+    An ``async def`` compute is awaited on the caller's loop."""
+    from tests.support.near import eventually, plant
+
     _, cache = make_cache(NEAR_CACHE=True)
-    cache.set("n", 1, 60)
-    assert cache._native() is None
-    assert asyncio.run(cache.aget("n")) == 1
-    assert isinstance(cache, ApeeCache)
+    cache.set("n", {"a": [1]}, 60)
+    assert cache._native() is None  # writes: the sync near client
+    assert cache._native_reads() is not None
+    near = cache.runtime.near
+    made = cache.client.make_key("n")
     loops: list[asyncio.AbstractEventLoop] = []
 
     async def compute() -> str:
         loops.append(asyncio.get_running_loop())
         return "awaited"
 
-    async def main() -> tuple[Any, asyncio.AbstractEventLoop]:
+    async def main() -> Any:
+        deadline = time.monotonic() + 10
+        while near.find(made) is MISSING:  # tracking up, then filled by aget
+            assert await cache.aget("n") == {"a": [1]}
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        first = await cache.aget("n")
+        first["a"].append(2)  # callers mutate what they get
+        assert await cache.aget("n") == {"a": [1]}
+        assert await cache.aget_or_set_stampede_safe("n", compute, 60) == {"a": [1]}
+        await cache.aset("n", "mine", 60)
+        assert await cache.aget("n") == "mine"  # read-your-write, at once
         found = await cache.aget_or_set_stampede_safe("c", compute, 60)
         return found, asyncio.get_running_loop()
 
@@ -259,6 +275,9 @@ def test_cluster_and_near_cache_keep_the_thread_path(make_cache):
     assert found == "awaited"
     assert loops == [loop]  # on the caller's loop
     assert cache.get("c") == "awaited"
+    # Another client's write reaches the async reads too.
+    plant(raw_redis, cache, "n", {"v": 7})
+    assert eventually(lambda: asyncio.run(cache.aget("n")) == {"v": 7})
 
 
 # -- an async view behind uvicorn -------------------------------------------------

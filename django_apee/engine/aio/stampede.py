@@ -65,6 +65,10 @@ class AsyncCoordinator:
 
     async def _get_or_set(self, call: Call) -> Any:
         sync = self.sync
+        value = sync.store.near_hit(call.made)
+        if value is not MISSING:  # fresh in this process's near cache
+            sync.events.hits.inc()
+            return value
         if not sync.breaker.allow():
             return await self._local(call, reason="circuit_open")
         io = self.loops.get()
