@@ -296,17 +296,12 @@ async def http_get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-def test_uvicorn_serves_an_async_view_under_concurrent_load():
-    """200 concurrent requests to a cold key through a real ASGI server:
-    every one answered with the value of one computation."""
-    import json
-
+def serve_asgi() -> Any:
+    """Django's ASGI application behind a real uvicorn on a free port, in a
+    thread (``load`` stops it)."""
     import uvicorn
     from django.core.asgi import get_asgi_application
 
-    from tests.support import views
-
-    views.REPORT_RUNS.clear()
     server = uvicorn.Server(
         uvicorn.Config(
             get_asgi_application(),
@@ -319,22 +314,60 @@ def test_uvicorn_serves_an_async_view_under_concurrent_load():
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    server.thread = thread
+    assert eventually(lambda: server.started, 10)
+    return server
+
+
+def load(server: Any, path: str, requests: int) -> list[tuple[int, bytes]]:
+    """``requests`` concurrent GETs of ``path``; the server stops after."""
+    port = server.servers[0].sockets[0].getsockname()[1]
+
+    async def all_at_once() -> list[tuple[int, bytes]]:
+        calls = [http_get(port, path) for _ in range(requests)]
+        return await asyncio.wait_for(asyncio.gather(*calls), 60)
+
     try:
-        assert eventually(lambda: server.started, 10)
-        port = server.servers[0].sockets[0].getsockname()[1]
-
-        async def load() -> list[tuple[int, bytes]]:
-            calls = [http_get(port, "/async/report/") for _ in range(200)]
-            return await asyncio.wait_for(asyncio.gather(*calls), 60)
-
-        responses = asyncio.run(load())
+        return asyncio.run(all_at_once())
     finally:
         server.should_exit = True
-        thread.join(10)
+        server.thread.join(10)
+
+
+def test_uvicorn_serves_an_async_view_under_concurrent_load():
+    """200 concurrent requests to a cold key through a real ASGI server:
+    every one answered with the value of one computation."""
+    import json
+
+    from tests.support import views
+
+    views.REPORT_RUNS.clear()
+    responses = load(serve_asgi(), "/async/report/", 200)
 
     assert [status for status, _ in responses] == [200] * 200
     assert {json.loads(body)["run"] for _, body in responses} == {1}
     assert views.REPORT_RUNS.count() == 1
+
+
+@pytest.mark.parametrize("tag", ["apee", "django"])
+def test_apee_cache_tag_under_asgi_renders_a_cold_fragment_once(tag):
+    """30 concurrent requests through uvicorn to an async view whose
+    template caches a cold fragment: ``{% apee_cache %}`` renders its
+    expensive part once and every page carries that render; Django's
+    ``{% cache %}`` (the control) renders it in every worker thread that
+    finds it cold."""
+    from tests.support import views
+
+    views.FRAGMENT_RUNS.clear()
+    responses = load(serve_asgi(), f"/async/fragment/{tag}/", 30)
+
+    assert [status for status, _ in responses] == [200] * 30
+    if tag == "django":
+        assert views.FRAGMENT_RUNS.count() > 1
+    else:
+        assert views.FRAGMENT_RUNS.count() == 1
+        pages = {body.strip() for _, body in responses}
+        assert pages == {b"<main><p>run 1</p></main>"}
 
 
 def test_async_decorator_and_module_function(make_cache):

@@ -6,6 +6,7 @@ from tests.support import views
 
 urlpatterns: list[URLPattern] = [
     path("async/report/", views.async_report),
+    path("async/fragment/<str:tag>/", views.async_fragment),
     path("whoami/", views.whoami),
     path("page/apee/", views.apee_page),
     path("page/plain/", views.plain_page),

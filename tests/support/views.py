@@ -12,8 +12,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from asgiref.sync import sync_to_async
 from django.core.cache import caches
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.template import loader
 from django.views.decorators.cache import cache_page
 
 #: How long a cached page lives, in seconds (``test_cache_page.py``).
@@ -72,6 +74,7 @@ class Executions:
 
 PAGE_RUNS = Executions()
 REPORT_RUNS = Executions()
+FRAGMENT_RUNS = Executions()
 
 
 # -- ASGI: an async view on the stampede-safe path --------------------------------
@@ -90,6 +93,25 @@ async def async_report(request: HttpRequest) -> JsonResponse:
         REPORT_KEY, build_report, 30
     )
     return JsonResponse(value)
+
+
+def _fragment_probe() -> str:
+    """The expensive part of a template fragment (called by ``{{ probe }}``)."""
+    number, started = FRAGMENT_RUNS.start()
+    time.sleep(REPORT_WORK_S)
+    FRAGMENT_RUNS.finish(number, started)
+    return f"run {number}"
+
+
+async def async_fragment(request: HttpRequest, tag: str) -> HttpResponse:
+    """An async view whose template caches a fragment with ``{% apee_cache %}``
+    (``tag`` "apee") or Django's ``{% cache %}`` ("django"), rendered in
+    worker threads (``thread_sensitive=False``: concurrent requests render at
+    the same time, as a site's async views may)."""
+    template = loader.get_template(f"apee_tests/stampede_{tag}.html")
+    context = {"probe": _fragment_probe, "alias": "default"}
+    render = sync_to_async(template.render, thread_sensitive=False)
+    return HttpResponse(await render(context, request))
 
 
 # -- sessions ----------------------------------------------------------------------
