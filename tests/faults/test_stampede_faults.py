@@ -559,7 +559,15 @@ def test_hot_key_two_processes_one_compute_per_soft_window_nobody_waits(
     assert windows * 0.7 <= computes <= windows * 1.3 + 2
     # One compute per expiry: every compute's value was served (none was
     # thrown away by a duplicate), and no two landed for the same expiry.
-    assert [n for n, _ in served] == list(range(1, computes + 2))
+    # Only the last one may be unread: a refresh started as the readers
+    # stopped lands after the last read; then it is what Redis holds now (a
+    # duplicate thrown away by the fence would not be).
+    numbers = [n for n, _ in served]
+    if numbers == list(range(1, computes + 1)):
+        with apee_alias("hot_parent") as parent:
+            assert (caches[parent].get(key) or {}).get("n") == computes + 1
+    else:
+        assert numbers == list(range(1, computes + 2))
     assert min(gaps) > 0.25  # a duplicate would land within ~one compute
     # Nobody took the miss path, the only one that waits for a compute ...
     assert summed(outcomes, "misses") == 0
