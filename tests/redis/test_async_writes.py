@@ -139,7 +139,6 @@ def test_a_herd_winner_overtaken_by_a_newer_write_stores_nothing(make_cache, raw
     assert metric(alias, "lease_lost") == lost + 1
 
 
-@pytest.mark.single_node("the native async engine is single-node")
 def test_async_writes_hold_no_thread(make_cache):
     """500 concurrent writes and key checks, past the pool's 100
     connections: no thread per call (the thread path would add the

@@ -18,12 +18,15 @@ What differs is a read of many keys: ``MGET`` per slot
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.maint_notifications import MaintNotificationsConfig
 
 from django_apee.core.keys import LEASE, companion
@@ -39,6 +42,67 @@ _LOGGED: set[str] = set()
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` (sync or async) is a cluster client."""
     return isinstance(client, (Cluster, RedisCluster))
+
+
+#: Set while this task holds one of its client's slots (``BoundedCluster``):
+#: a command redis-py sends from inside another (a redirect, a script
+#: load) does not wait for a second one.
+_HOLDING: ContextVar[bool] = ContextVar("django_apee_cluster_slot", default=False)
+
+
+@contextlib.asynccontextmanager
+async def _slot(client: BoundedCluster) -> AsyncIterator[None]:
+    """Hold one of ``client``'s slots, the cluster initialized, meanwhile."""
+    if _HOLDING.get():
+        yield
+        return
+    async with client.slots:
+        token = _HOLDING.set(True)
+        try:
+            if client._initialize:
+                await client.initialize()
+            yield
+        finally:
+            _HOLDING.reset(token)
+
+
+class BoundedCluster(RedisCluster):
+    """A ``redis.asyncio`` RedisCluster that waits rather than fails.
+
+    redis-py's async cluster fails a command past a node's
+    ``max_connections`` (``MaxConnectionsError``) where the single-node
+    pool (``connect.py``) makes a coroutine wait; and the commands sent
+    while its first slot map is asked for can meet connections closed under
+    them ("Connection closed by server"), surfacing with no retries
+    (``REDIS_RETRIES`` 0). Here at most ``max_connections`` commands and
+    pipelines are in flight per client (so per node), the others wait, and
+    the first waits for the slot map before sending.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.slots = asyncio.Semaphore(int(kwargs.get("max_connections") or 100))
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with _slot(self):
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(
+        self, transaction: Any | None = None, shard_hint: Any | None = None
+    ) -> ClusterPipeline:
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused there
+        return BoundedPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class BoundedPipeline(ClusterPipeline):
+    """A pipeline that holds one of its ``BoundedCluster``'s slots."""
+
+    async def execute(
+        self, raise_on_error: bool = True, allow_redirections: bool = True
+    ) -> list[Any]:
+        async with _slot(self.cluster_client):  # type: ignore[arg-type]
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 def async_cluster(sync: Any) -> RedisCluster:
@@ -59,7 +123,7 @@ def async_cluster(sync: Any) -> RedisCluster:
             logger.debug("django_apee: %r has no redis.asyncio cluster twin", name)
     # Its "auto" default refuses the RESP2 parser at the first connect.
     kwargs["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-    return RedisCluster(**kwargs)
+    return BoundedCluster(**kwargs)
 
 
 async def read_values(client: RedisCluster, made_keys: list[Any]) -> list[Any]:
