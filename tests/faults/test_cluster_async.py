@@ -18,11 +18,13 @@ import uuid
 from typing import Any
 
 import pytest
+from django.core.cache import caches
 
 from django_apee.core.envelope import Meta
 from django_apee.store import lease
 from tests.faults.test_cluster import flush_scripts, spread
 from tests.redis.test_async_native import with_thread_peak
+from tests.support.deployments import wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -192,3 +194,57 @@ def test_a_loop_that_ends_at_once_closes_its_wake_ups(on_cluster):
     thread.join(20)
     assert not thread.is_alive(), "a loop's shutdown hung"
     assert found == [0, 1, 2, 3, 4]
+
+
+def test_async_wake_ups_follow_a_failover(cluster, cluster_alias):
+    """A loop's waiters' shard channel was subscribed on a primary that then
+    hands over to its replica (``CLUSTER FAILOVER``): a coroutine waiting
+    for another process's compute on that slot is still woken when the
+    value lands, not at its lease's end (10 s)."""
+    prefix = f"af{uuid.uuid4().hex[:6]}"
+    holder = caches[cluster_alias(KEY_PREFIX=prefix, OPTIONS={"LEASE_TIMEOUT": 10})]
+    waiter = caches[cluster_alias(KEY_PREFIX=prefix, OPTIONS={"LEASE_TIMEOUT": 10})]
+    tag = next(
+        f"{{t{n}}}"
+        for n in range(1000)
+        if cluster.replicas_of(cluster.primary_for(holder.make_key(f"{{t{n}}}")))
+    )
+    owner = cluster.primary_for(holder.make_key(tag))
+    loop = asyncio.new_event_loop()
+
+    def wait_for_compute(name: str) -> float:
+        started = threading.Event()
+
+        def slow() -> str:
+            started.set()
+            time.sleep(COMPUTE_S)
+            return name
+
+        async def again() -> str:
+            return "again"
+
+        thread = threading.Thread(
+            target=holder.get_or_set_stampede_safe, args=(name, slow, 60)
+        )
+        thread.start()
+        assert started.wait(10)
+        began = time.monotonic()
+        value = loop.run_until_complete(
+            waiter.aget_or_set_stampede_safe(name, again, 60)
+        )
+        waited = time.monotonic() - began
+        thread.join(10)
+        assert value == name
+        return waited
+
+    try:
+        before = wait_for_compute(f"{tag}1")  # subscribed on ``owner``
+        took = cluster.failover(cluster.replicas_of(owner)[0])
+        wait_until(lambda: holder.get(f"{tag}0") is None, 10, "a fresh slot map")
+        after = wait_for_compute(f"{tag}2")
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+    print(f"woken in {before:.2f}s; failover in {took:.2f}s; woken in {after:.2f}s")
+    assert before < 3.0
+    assert after < 3.0  # a lost subscription would wait out the 10 s lease
