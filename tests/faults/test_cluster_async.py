@@ -44,6 +44,33 @@ def test_async_is_native_on_a_cluster(on_cluster):
     assert asyncio.run(main()) == (1, 1)  # read by this loop's own client
 
 
+def test_each_loops_client_is_built_from_the_same_options(on_cluster):
+    """Socket timeouts, REDIS_RETRIES and read_from_replicas reach the async
+    client as they reach the sync one (the same parsed arguments)."""
+    cache = on_cluster(
+        OPTIONS={
+            "SOCKET_TIMEOUT": 1.5,
+            "SOCKET_CONNECT_TIMEOUT": 0.7,
+            "REDIS_RETRIES": 2,
+            "REDIS_CLIENT_KWARGS": {"read_from_replicas": True},
+        }
+    )
+    cache.set("r", "from a replica or a primary", 60)
+
+    async def main() -> tuple[Any, Any]:
+        found = await cache.aget("r")
+        return found, cache.runtime.acoordinator.loops.get().client
+
+    found, client = asyncio.run(main())
+    sync = cache.client.get_client()
+    assert found in ("from a replica or a primary", None)  # a replica may lag
+    assert client.read_from_replicas is sync.read_from_replicas is True
+    assert client.retry.get_retries() == sync.retry.get_retries() == 2
+    for node in client.get_nodes():
+        assert node.connection_kwargs["socket_timeout"] == 1.5
+        assert node.connection_kwargs["socket_connect_timeout"] == 0.7
+
+
 def test_sync_and_async_read_each_others_values_on_every_primary(cluster, on_cluster):
     cache = on_cluster()
     tag = uuid.uuid4().hex[:6]
