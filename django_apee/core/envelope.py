@@ -254,6 +254,7 @@ class Envelope:
                 codec = CODEC_PICKLE
 
         flags = codec
+        opened = payload
         if self._compress is not None and len(payload) >= self.compress_min_bytes:
             compressed = self._compress(payload)
             if len(compressed) < len(payload):
@@ -266,7 +267,10 @@ class Envelope:
             prefix = (
                 _HEADERS[flags | FLAG_META] + bytes((len(packed_meta),)) + packed_meta
             )
-        return prefix + self._macs.sign(bound, prefix, payload) + payload
+        data = prefix + self._macs.sign(bound, prefix, payload) + payload
+        # What this process writes it often reads next: opened already.
+        self._opened.put(data, key, codec, meta, opened)
+        return data
 
     def _pickle(self, value: Any, cause: Exception | None) -> bytes:
         value_type = type_name(type(value))

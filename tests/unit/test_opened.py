@@ -53,12 +53,25 @@ def test_the_envelope_opens_a_hot_value_once_and_still_gives_copies() -> None:
     envelope = Envelope(signing_keys=[KEY], compress_min_bytes=10)
     stored = envelope.encode({"rows": list(range(100))}, key="a")
     assert isinstance(stored, bytes)
+    envelope._opened.clear()  # as in a process that did not write it
     first = envelope.decode(stored, key="a").value
     assert len(envelope._opened) == 1
     second = envelope.decode(bytes(bytearray(stored)), key="a").value
     assert first == second
     assert first is not second  # each read its own object
     assert len(envelope._opened) == 1
+
+
+def test_what_this_process_writes_is_opened_already() -> None:
+    envelope = Envelope(signing_keys=[KEY], compress_min_bytes=10)
+    value = {"rows": list(range(100))}
+    stored = envelope.encode(value, key="a")
+    assert isinstance(stored, bytes)
+    assert len(envelope._opened) == 1
+    assert envelope.decode(bytes(bytearray(stored)), key="a").value == value
+    # Another process (another envelope with the same keys) opens it itself.
+    other = Envelope(signing_keys=[KEY], compress_min_bytes=10)
+    assert other.decode(stored, key="a").value == value
 
 
 def test_remembered_bytes_do_not_verify_under_another_key() -> None:
@@ -76,6 +89,7 @@ def test_bytes_that_do_not_verify_are_not_remembered() -> None:
     stored = envelope.encode("value", key="a")
     assert isinstance(stored, bytes)
     tampered = stored[:-1] + bytes([stored[-1] ^ 1])
+    envelope._opened.clear()  # what encode put there
     for _ in range(2):
         with pytest.raises(DecodeError):
             envelope.decode(tampered, key="a")
