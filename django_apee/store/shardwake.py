@@ -69,6 +69,17 @@ def sharded(channel: str) -> str:
     return MARK + channel
 
 
+def release(users: dict[str, int], idle: dict[str, float], channel: str) -> None:
+    """One waiter fewer on ``channel``; with none left it is idle from now
+    (unsubscribed after ``LINGER_S`` unless someone waits again)."""
+    left = users.get(channel, 1) - 1
+    if left > 0:
+        users[channel] = left
+    else:
+        users.pop(channel, None)
+        idle[channel] = time.monotonic()
+
+
 class ShardWakeHub(WakeHub):
     """``wake.WakeHub``'s interface over sharded pub/sub (see the module)."""
 
@@ -121,12 +132,7 @@ class ShardWakeHub(WakeHub):
                 events.discard(event)
                 if not events:
                     del self._waiting[value_key]
-                left = self._users.get(channel, 1) - 1
-                if left > 0:
-                    self._users[channel] = left
-                else:
-                    self._users.pop(channel, None)
-                    self._idle[channel] = time.monotonic()
+                release(self._users, self._idle, channel)
 
     def reconnect(self) -> None:
         """Subscribe everything again on a fresh ClusterPubSub."""

@@ -34,8 +34,8 @@ from redis.exceptions import NoPermissionError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from django_apee.core.keys import slot_channel
-from django_apee.store.aio.wake import _stop_if_cancelled
-from django_apee.store.shardwake import LINGER_S, MARK, MAX_IDLE
+from django_apee.store.aio.wake import _stop_if_cancelled, cancelled
+from django_apee.store.shardwake import LINGER_S, MARK, MAX_IDLE, release
 from django_apee.store.wake import (
     POLL_S,
     Waiters,
@@ -105,13 +105,7 @@ class AsyncShardWakeHub(Waiters[asyncio.Event]):
         super().done(value_key, event)
         if not registered:
             return
-        channel = self.channel_of(value_key)
-        left = self._users.get(channel, 1) - 1
-        if left > 0:
-            self._users[channel] = left
-        else:
-            self._users.pop(channel, None)
-            self._idle[channel] = time.monotonic()
+        release(self._users, self._idle, self.channel_of(value_key))
 
     def _listening(self) -> None:
         if self._task is None or self._task.done():
@@ -131,10 +125,7 @@ class AsyncShardWakeHub(Waiters[asyncio.Event]):
     async def aclose(self) -> None:
         """Stop listening; waiters still registered wait to their timeout."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancelled(task)
 
     # -- the tasks ---------------------------------------------------------------
 

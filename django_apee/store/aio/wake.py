@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger("django_apee")
 
 
+async def cancelled(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` (if it still runs) and wait until it has ended."""
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def _stop_if_cancelled() -> None:
     """End this task if its cancellation was asked for and then lost.
 
@@ -84,10 +92,7 @@ class AsyncWakeHub(Waiters[asyncio.Event]):
     async def aclose(self) -> None:
         """Stop listening; waiters still registered wait to their timeout."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancelled(task)
 
     async def _run(self) -> None:
         pause = 0.0
