@@ -259,5 +259,5 @@ atexit.register(_flush_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=TALLY.forget)
     os.register_at_fork(
-        after_in_child=lambda: _FLUSHING.__setitem__(0, threading.RLock())
+        after_in_child=lambda: _FLUSHING.__setitem__(0, threading.Lock())
     )
