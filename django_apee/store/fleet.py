@@ -152,22 +152,10 @@ def flush() -> int:
     """Send this process's counts to Redis now; return the aliases flushed.
 
     Never raises: an alias whose Redis cannot be reached keeps its counts for
-    the next flush. One flush at a time: a caller that finds the background
-    thread sending waits for it, so what was counted before the call is in
-    Redis when it returns.
+    the next flush.
     """
-    with _FLUSHING[0]:
-        return _flush()
-
-
-#: Held while a flush runs (a list: a forked child gets a new lock).
-_FLUSHING = [threading.RLock()]
-
-
-def _flush() -> int:
     for hook in _BEFORE_FLUSH:
-        with contextlib.suppress(Exception):  # a hook's failure loses no count
-            hook()
+        hook()
     by_alias: dict[str, dict[str, int]] = {}
     for (alias, field), amount in TALLY.take().items():
         if amount:
@@ -258,6 +246,3 @@ def _flush_at_exit() -> None:
 atexit.register(_flush_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=TALLY.forget)
-    os.register_at_fork(
-        after_in_child=lambda: _FLUSHING.__setitem__(0, threading.Lock())
-    )
