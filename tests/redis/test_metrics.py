@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -74,11 +75,20 @@ def made(backend: ApeeCache, key: str) -> str:
 
 
 def fleet_totals(raw_redis: redis.Redis, backend: ApeeCache, alias: str) -> dict:
-    fleet.flush()
     # This process's shard: the only one on one Redis, pid % 16 on a cluster.
     shard = fleet.shard_for(raw_redis)
-    stored = raw_redis.hgetall(fleet.stats_key(backend.key_prefix, alias, shard))
-    found = {k.decode(): int(v) for k, v in stored.items()}
+    key = fleet.stats_key(backend.key_prefix, alias, shard)
+    # The background thread may have taken counts and not sent them yet:
+    # flush and read until two reads agree (bounded).
+    stored, deadline = None, time.monotonic() + 5
+    while True:
+        fleet.flush()
+        now = raw_redis.hgetall(key)
+        if now == stored or time.monotonic() > deadline:
+            break
+        stored = now
+        time.sleep(0.05)
+    found = {k.decode(): int(v) for k, v in now.items()}
     if found:  # the first flush's Redis time, not a counter
         assert abs(found.pop("_since") - raw_redis.time()[0]) < 600
     return found
